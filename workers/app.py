@@ -1,0 +1,36 @@
+"""The Celery application: ``celery -A workers worker`` finds ``workers.app``.
+
+Configuration lives here and only here. JSON is the only serializer accepted in either
+direction (a pickle payload from a compromised broker cannot execute code), and tasks are
+acknowledged late so a worker that dies mid-order leaves the message for another worker.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from workers.settings import get_settings
+
+_settings = get_settings()
+
+app = Celery("ehr-worker", broker=_settings.redis_url, backend=_settings.redis_url, include=["workers.tasks"])
+
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # One order at a time per child: with acks_late a prefetched order would wait behind a slow one.
+    worker_prefetch_multiplier=1,
+    task_track_started=False,
+    result_expires=3600,
+    broker_connection_retry_on_startup=True,
+    # Redis visibility timeout must exceed the longest retry chain, or Redis redelivers the task
+    # to a second worker while the first is still backing off.
+    broker_transport_options={"visibility_timeout": 3600},
+    task_default_queue="ehr-worker",
+    worker_hijack_root_logger=False,
+    timezone="UTC",
+)

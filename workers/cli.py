@@ -1,0 +1,208 @@
+"""``ehr-worker``: the command-line tool (consume, replay, predict, demo, models)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="ehr-worker",
+    help="FHIR ServiceRequest events -> protocol and rare-disease suggestions written back to FHIR.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Build, list and verify the models in the registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+class Task(str, Enum):
+    protocol = "protocol"
+    diagnosis = "diagnosis"
+
+
+class BuildTask(str, Enum):
+    protocol = "protocol"
+    diagnosis = "diagnosis"
+    all = "all"
+
+
+class ReplayTarget(str, Enum):
+    kafka = "kafka"
+    direct = "direct"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("kafka", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def consume(
+    max_events: Annotated[Optional[int], typer.Option(help="Stop after this many events (default: run forever).")] = None,
+    idle_timeout: Annotated[Optional[float], typer.Option(help="Stop after this many seconds without events.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Consume ServiceRequest events from Kafka and hand them to the Celery workers."""
+    _setup_logging(verbose)
+    from connectors.kafka import EventConsumer, ensure_topics
+    from workers.dispatch import CeleryDispatcher
+    from workers.settings import get_settings
+
+    s = get_settings()
+    ensure_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic, s.kafka_result_topic])
+    consumer = EventConsumer(
+        bootstrap=s.kafka_bootstrap,
+        topic=s.kafka_topic,
+        group=s.kafka_group,
+        dlq_topic=s.kafka_dlq_topic,
+        result_topic=s.kafka_result_topic,
+        max_in_flight=s.max_in_flight,
+    )
+    stats = consumer.run(CeleryDispatcher(timeout_s=s.task_timeout_s), idle_timeout_s=idle_timeout, max_events=max_events)
+    typer.echo(json.dumps(stats.as_dict() if hasattr(stats, "as_dict") else vars(stats)))
+
+
+@app.command()
+def replay(
+    paths: Annotated[list[Path], typer.Argument(help="Fixture files or folders: .json (resource or Bundle), .ndjson.")],
+    to: Annotated[ReplayTarget, typer.Option("--to", help="kafka: publish events; direct: send to the workers.")] = ReplayTarget.kafka,
+    rate: Annotated[Optional[float], typer.Option(help="At most this many events per second.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Replay fixture events into Kafka, or directly to the Celery workers."""
+    _setup_logging(verbose)
+    from workers.settings import get_settings
+
+    for p in paths:
+        if not p.exists():
+            _fail(f"{p} does not exist")
+    s = get_settings()
+    if to is ReplayTarget.kafka:
+        from connectors.kafka import ensure_topics
+        from connectors.replay import replay_to_kafka
+
+        ensure_topics(s.kafka_bootstrap, [s.kafka_topic])
+        n = replay_to_kafka(paths, bootstrap=s.kafka_bootstrap, topic=s.kafka_topic, rate=rate)
+        typer.echo(f"published {n} events to {s.kafka_topic} on {s.kafka_bootstrap}")
+        return
+
+    from workers.direct import replay_direct
+
+    counts = replay_direct(paths, rate=rate, timeout_s=s.task_timeout_s)
+    typer.echo(json.dumps(counts))
+    if counts.get("failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def predict(
+    task: Annotated[Task, typer.Option("--task", help="Which model to run.")],
+    input_path: Annotated[Path, typer.Argument(metavar="IN", help="FHIR ServiceRequest NDJSON, or JSONL with id and text.")],
+    output_path: Annotated[Path, typer.Argument(metavar="OUT", help="JSONL, one line per input ('-' for stdout).")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=50)] = 5,
+    registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+) -> None:
+    """Run one model over a file of orders, offline (no Kafka, no FHIR)."""
+    from workers.offline import predict_file
+
+    try:
+        n = predict_file(task.value, input_path, output_path, top_k=top_k, registry=registry, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if str(output_path) != "-":
+        typer.echo(f"wrote {n} predictions to {output_path}", err=True)
+
+
+@app.command()
+def demo(
+    keep_running: Annotated[bool, typer.Option(help="Leave the services up after the table (Ctrl-C stops).")] = False,
+    profile: Annotated[str, typer.Option(help="Model profile to build when models are absent.")] = "default",
+) -> None:
+    """Start embedded Kafka/Redis/FHIR, build models if absent, replay the bundled fixtures, print what was written."""
+    _setup_logging(False)
+    from workers.demo import run_demo
+
+    ok = run_demo(keep_running=keep_running, profile=profile)
+    raise typer.Exit(0 if ok else 1)
+
+
+@models_app.command("build")
+def models_build(
+    task: Annotated[BuildTask, typer.Option("--task")] = BuildTask.all,
+    profile: Annotated[str, typer.Option(help="default: the real models; tiny: seconds, for tests.")] = "default",
+    registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    seed: int = 0,
+) -> None:
+    """Generate data, fine-tune, export, quantize to int8, calibrate, evaluate and register."""
+    from training.build import build_models
+    from workers.settings import get_settings
+
+    root = registry or get_settings().model_registry
+    tasks = ("protocol", "diagnosis") if task is BuildTask.all else (task.value,)
+    built = build_models(root, tasks=tasks, profile=profile, seed=seed, progress=True)
+    for name, path in built.items():
+        typer.echo(f"{name}: {path}")
+
+
+@models_app.command("list")
+def models_list(registry: Annotated[Optional[Path], typer.Option()] = None) -> None:
+    """List registered models and their versions (current marked *)."""
+    from models.registry import ModelRegistry
+    from workers.settings import get_settings
+
+    reg = ModelRegistry(registry or get_settings().model_registry)
+    tasks = reg.tasks()
+    if not tasks:
+        _fail(f"no models in {reg.root}; build them with `ehr-worker models build`", code=1)
+    for task in tasks:
+        current = reg.current_version(task)
+        for version in reg.versions(task):
+            m = reg.load_manifest(task, version)
+            acc = (m.metrics or {}).get("test", {}).get("int8", {}).get("accuracy")
+            mark = "*" if version == current else " "
+            acc_s = f"  int8 test acc {acc:.3f}" if isinstance(acc, (int, float)) else ""
+            typer.echo(f"{mark} {task:<10} {version:<24} {len(m.labels):>5} labels{acc_s}")
+
+
+@models_app.command("verify")
+def models_verify(registry: Annotated[Optional[Path], typer.Option()] = None) -> None:
+    """Check every file of the current models against the manifest's sha256."""
+    from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
+    from workers.settings import get_settings
+
+    reg = ModelRegistry(registry or get_settings().model_registry)
+    bad = False
+    for task in ("protocol", "diagnosis"):
+        try:
+            reg.verify(task)
+            typer.echo(f"ok      {task} {reg.current_version(task)}")
+        except (ModelIntegrityError, ModelNotFoundError) as exc:
+            bad = True
+            typer.secho(f"FAILED  {task}: {exc}", fg=typer.colors.RED, err=True)
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

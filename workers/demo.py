@@ -1,0 +1,274 @@
+"""``ehr-worker demo``: the whole path on embedded local services, then a table of what was written.
+
+Starts Tansu (Kafka), Redis (unless one answers) and sekmet (FHIR) at the addresses the settings
+name, builds the default models if the registry has none, seeds the FHIR server with the bundled
+patients and orders (as a hospital's EHR would hold them), publishes one event per order to Kafka,
+runs a real Celery worker and the consumer until every event is settled, reads the suggestions
+back from the FHIR server, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from contextlib import ExitStack
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.table import Table
+
+from connectors.embedded import ensure_redis, start_sekmet, start_tansu
+from connectors.fhir import FhirClient, FhirPermanentError
+from connectors.kafka import EventConsumer, ensure_topics, make_producer
+from models.registry import ModelNotFoundError, ModelRegistry
+from schemas.events import EventRejected, parse_event, skip_reason
+from schemas.text import is_imaging_order
+from workers.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+console = Console()
+
+FIXTURES = resources.files("workers") / "fixtures"
+
+
+def _host_port(address: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def _ensure_models(settings: Settings, profile: str) -> None:
+    registry = ModelRegistry(settings.model_registry)
+    missing = []
+    for task in ("protocol", "diagnosis"):
+        try:
+            registry.current_dir(task)
+        except ModelNotFoundError:
+            missing.append(task)
+    if missing:
+        from training.build import build_models
+
+        console.print(f"[bold]Building the default models ({', '.join(missing)}) into {settings.model_registry}[/]")
+        build_models(settings.model_registry, tasks=tuple(missing), profile=profile, progress=True)
+    for task in ("protocol", "diagnosis"):
+        registry.verify(task)
+
+
+def _read_ndjson(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def fixture_events() -> tuple[list[dict], list[tuple[str, bytes]]]:
+    """Patients to seed, and (name, raw bytes) of every bundled order event."""
+    patients = _read_ndjson(FIXTURES / "patients.ndjson")
+    events: list[tuple[str, bytes]] = []
+    for f in sorted((FIXTURES / "hl7").iterdir(), key=lambda p: p.name):
+        events.append((f"hl7/{f.name}", f.read_bytes()))
+    for f in sorted((FIXTURES / "orders").iterdir(), key=lambda p: p.name):
+        if f.name.endswith(".ndjson"):
+            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
+                if line.strip():
+                    events.append((f"orders/{f.name}:{i + 1}", line.encode()))
+    return patients, events
+
+
+def _seed_fhir(fhir: FhirClient, patients: list[dict], events: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Store patients and valid orders on the server, as the hospital's EHR holds them, and return the
+    events to publish: a stored order is published as the server returned it (with its versionId)."""
+    for patient in patients:
+        fhir.put(patient)
+    published = []
+    for name, raw in events:
+        try:
+            parse_event(raw)
+            resource = json.loads(raw)
+        except EventRejected:
+            published.append((name, raw))  # invalid events go out as they are, to the dead-letter topic
+            continue
+        if resource.get("resourceType") == "ServiceRequest":
+            try:
+                stored = fhir.put(resource)
+                raw = json.dumps(stored).encode()
+            except FhirPermanentError as exc:
+                log.warning("seeding %s refused by FHIR (%s); publishing it unseeded", name, exc.status)
+        published.append((name, raw))
+    return published
+
+
+def _suggestions_by_order(fhir: FhirClient) -> dict[str, dict[str, list[dict]]]:
+    found: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for rtype, field in (("Task", "focus"), ("RiskAssessment", "basis")):
+        for res in fhir.search(rtype, {"_count": "200"}):
+            refs = [res.get(field)] if rtype == "Task" else res.get(field) or []
+            for ref in refs:
+                target = (ref or {}).get("reference", "")
+                if target.startswith("ServiceRequest/"):
+                    found[target.split("/")[1]][rtype].append(res)
+    return found
+
+
+def _print_table(orders: list[dict], suggestions, dlq_count: int, labels: dict) -> dict[str, int]:
+    table = Table(title="ehr-worker demo: suggestions written to FHIR", show_lines=False)
+    for col in ("order", "imaging", "suggested protocol", "p", "top diseases", "FHIR ids written"):
+        table.add_column(col, overflow="fold")
+    counts: Counter[str] = Counter()
+    for sr in orders:
+        sid = sr["id"]
+        got = suggestions.get(sid, {})
+        tasks, risks = got.get("Task", []), got.get("RiskAssessment", [])
+        imaging = is_imaging_order(sr)
+        protocol, prob = "-", ""
+        for task in tasks:
+            for inp in task.get("input", []):
+                kind = (inp.get("type") or {}).get("text", "")
+                if kind == "suggested-protocol":
+                    protocol = (inp["valueCodeableConcept"].get("coding") or [{}])[0].get("display", "?")
+                elif kind == "suggested-protocol-probability" or (kind.endswith("probability") and not prob and protocol != "-"):
+                    prob = f"{inp.get('valueDecimal', 0):.2f}"
+            if protocol == "-":
+                protocol = "(abstained) " + ((task.get("businessStatus") or {}).get("text") or "")[:30]
+        diseases = "; ".join(
+            f"{(p.get('outcome') or {}).get('text') or ((p.get('outcome') or {}).get('coding') or [{}])[0].get('display', '?')}"
+            f" {p.get('probabilityDecimal', 0):.2f}"
+            for r in risks[:1]
+            for p in r.get("prediction", [])[:3]
+        )
+        ids = ", ".join(f"{r['resourceType']}/{r['id'][:8]}" for r in tasks + risks)
+        table.add_row(sid[:28], "yes" if imaging else "no", protocol, prob, diseases or "-", ids or "-")
+        if imaging:
+            counts["imaging"] += 1
+            counts["imaging_one_task"] += len(tasks) == 1
+            counts["imaging_one_risk"] += len(risks) == 1
+        else:
+            counts["non_imaging"] += 1
+            counts["non_imaging_no_task"] += len(tasks) == 0
+        counts["duplicates"] += max(0, len(tasks) - 1) + max(0, len(risks) - 1)
+        want = labels.get(sid)
+        if want and tasks:
+            counts["labelled"] += 1
+            counts["protocol_match"] += any(
+                ((inp.get("valueCodeableConcept") or {}).get("coding") or [{}])[0].get("code") == want.get("protocol")
+                for t in tasks
+                for inp in t.get("input", [])
+                if (inp.get("type") or {}).get("text") == "suggested-protocol"
+            )
+            counts["disease_in_top"] += any(
+                c.get("code") == str(want.get("disease", "")).split(":")[-1]
+                for r in risks
+                for p in r.get("prediction", [])
+                for c in (p.get("outcome") or {}).get("coding", [])
+            )
+    console.print(table)
+    console.print(
+        f"imaging orders: {counts['imaging']} — with exactly one Task: {counts['imaging_one_task']}, "
+        f"with exactly one RiskAssessment: {counts['imaging_one_risk']}\n"
+        f"non-imaging actionable orders: {counts['non_imaging']} — with no protocol Task: {counts['non_imaging_no_task']}\n"
+        f"duplicate suggestions: {counts['duplicates']}; events on the dead-letter topic: {dlq_count}"
+    )
+    if counts["labelled"]:
+        console.print(
+            f"against the fixtures' expected labels: protocol {counts['protocol_match']}/{counts['labelled']}, "
+            f"disease in top-k {counts['disease_in_top']}/{counts['labelled']}"
+        )
+    return dict(counts)
+
+
+def _count_topic(bootstrap: str, topic: str) -> int:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        if not parts:
+            return 0
+        begin, end = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
+        return sum(end[p] - begin[p] for p in parts)
+    finally:
+        consumer.close()
+
+
+def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
+    from workers.app import app
+    from workers.dispatch import CeleryDispatcher
+    from workers.local import start_worker
+
+    settings = get_settings()
+    _ensure_models(settings, profile)
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="ehrw-demo-") as tmp:
+        work = Path(tmp)
+        _, kafka_port = _host_port(settings.kafka_bootstrap, 9092)
+        _, fhir_port = _host_port(settings.fhir_base_url, 8090)
+        _, redis_port = _host_port(settings.redis_url, 6379)
+        console.print(f"[bold]Starting services[/]: Kafka (Tansu) :{kafka_port}, FHIR (sekmet) :{fhir_port}, Redis :{redis_port}")
+        stack.callback(start_tansu(kafka_port, work / "tansu").stop)
+        stack.callback(start_sekmet(fhir_port, work / "sekmet").stop)
+        redis = ensure_redis(redis_port)
+        if redis is not None:
+            stack.callback(redis.stop)
+        app.control.purge()  # a previous interrupted run may have left tasks in the queue
+
+        fhir = FhirClient(settings.fhir_base_url)
+        patients, events = fixture_events()
+        published = _seed_fhir(fhir, patients, events)
+
+        ensure_topics(settings.kafka_bootstrap, [settings.kafka_topic, settings.kafka_dlq_topic, settings.kafka_result_topic])
+        env = {
+            "EHRW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "EHRW_REDIS_URL": settings.redis_url,
+            "EHRW_FHIR_BASE_URL": settings.fhir_base_url,
+            "EHRW_MODEL_REGISTRY": str(Path(settings.model_registry).resolve()),
+        }
+        console.print("[bold]Starting a Celery worker[/] (celery -A workers worker)")
+        worker = start_worker(env, work / "worker.log", app=app, concurrency=2, name="demo")
+        stack.callback(worker.stop)
+
+        producer = make_producer(settings.kafka_bootstrap)
+        for name, raw in published:
+            try:
+                key = json.loads(raw).get("id")
+            except (ValueError, AttributeError):
+                key = None
+            producer.send(settings.kafka_topic, key=key.encode() if isinstance(key, str) else None, value=raw)
+        producer.flush()
+        producer.close()
+        console.print(f"[bold]Published {len(published)} events[/] to {settings.kafka_topic}; consuming…")
+
+        consumer = EventConsumer(
+            bootstrap=settings.kafka_bootstrap,
+            topic=settings.kafka_topic,
+            group=settings.kafka_group,
+            dlq_topic=settings.kafka_dlq_topic,
+            result_topic=settings.kafka_result_topic,
+            max_in_flight=settings.max_in_flight,
+        )
+        started = time.monotonic()
+        stats = consumer.run(CeleryDispatcher(timeout_s=settings.task_timeout_s), max_events=len(published), idle_timeout_s=60)
+        elapsed = time.monotonic() - started
+        console.print(f"consumed {len(published)} events in {elapsed:.1f}s: {stats}")
+
+        orders = []
+        for _, raw in published:
+            try:
+                parsed = parse_event(raw)
+            except EventRejected:
+                continue
+            orders += [i.service_request for i in parsed.items if i.service_request and not skip_reason(i.service_request)]
+        labels_path = FIXTURES / "orders" / "labels.json"
+        labels = json.loads(labels_path.read_text()) if labels_path.is_file() else {}
+        counts = _print_table(orders, _suggestions_by_order(fhir), _count_topic(settings.kafka_bootstrap, settings.kafka_dlq_topic), labels)
+        if keep_running:
+            console.print("Services are up; press Ctrl-C to stop.")
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
+    return (
+        counts.get("imaging_one_task", 0) == counts.get("imaging", -1)
+        and counts.get("non_imaging_no_task", 0) == counts.get("non_imaging", -1)
+        and counts.get("duplicates", 0) == 0
+    )

@@ -1,0 +1,138 @@
+"""One order in, one write-back out: the work of a task, free of Celery so it can be tested and
+benchmarked directly.
+
+The outcome dict is the result event published to the suggestions topic. Transient FHIR errors
+propagate (the Celery task retries them); permanent ones become a ``rejected`` outcome that the
+consumer sends to the dead-letter topic with the server's OperationOutcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from connectors.fhir import FhirClient, FhirPermanentError, entry_status
+from schemas.events import EventRejected, OrderItem, skip_reason, validate_service_request
+from schemas.labels import ModelOutput
+from schemas.text import build_model_input, clinical_text, context_references, is_imaging_order
+from schemas.writeback import build_writeback_bundle
+
+log = logging.getLogger(__name__)
+
+# Only resource types whose content build_model_input knows how to use are worth a round trip.
+_CONTEXT_TYPES = {"Condition", "Observation", "DocumentReference", "AllergyIntolerance", "Binary"}
+_RELATIVE_REF = re.compile(r"^([A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$")
+_LOCATION = re.compile(r"(?:^|/)([A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+
+
+class Classifier(Protocol):
+    def predict(self, texts: list[str], top_k: int = 5) -> list[ModelOutput]: ...
+
+
+@dataclass
+class ModelSet:
+    protocol: Classifier
+    diagnosis: Classifier
+
+
+def order_reference(sr: dict) -> str:
+    return f"ServiceRequest/{sr.get('id')}"
+
+
+def _fetch_context(fhir: FhirClient, sr: dict) -> list[dict]:
+    context: list[dict] = []
+    for ref in context_references(sr):
+        match = _RELATIVE_REF.match(ref)
+        if not match or match.group(1) not in _CONTEXT_TYPES:
+            continue
+        try:
+            context.append(fhir.read(ref))
+        except FhirPermanentError as exc:
+            # A dangling reference is the order's problem, not a reason to drop the suggestion.
+            log.info("context %s not readable (%s); continuing without it", ref, exc.status)
+    return context
+
+
+def _written_resources(response: dict) -> tuple[dict[str, list[str]], int, int]:
+    written: dict[str, list[str]] = {}
+    created = existing = 0
+    for entry in response.get("entry", []):
+        resp = entry.get("response", {})
+        match = _LOCATION.search(resp.get("location", "") or "")
+        if match:
+            written.setdefault(match.group(1), []).append(f"{match.group(1)}/{match.group(2)}")
+        status = entry_status(entry)
+        if status == 201:
+            created += 1
+        elif 200 <= status < 300:
+            existing += 1
+    return written, created, existing
+
+
+def suggest_for_order(
+    item: OrderItem,
+    fhir: FhirClient,
+    models: ModelSet,
+    *,
+    enrich_context: bool = True,
+    top_k: int = 5,
+    recorded: datetime | None = None,
+) -> dict[str, Any]:
+    """Run the applicable models on one order and write the suggestions back in one transaction."""
+    if item.service_request is not None:
+        sr = item.service_request
+    else:
+        assert item.reference is not None
+        try:
+            sr = fhir.read(item.reference)
+        except FhirPermanentError as exc:
+            return {
+                "order": item.reference,
+                "status": "rejected",
+                "reason_code": "order_not_found" if exc.status in (404, 410) else "order_not_readable",
+                "reason": f"The FHIR server answered {exc.status} when reading {item.reference}.",
+                "operation_outcome": exc.operation_outcome,
+            }
+        try:
+            validate_service_request(sr)
+        except EventRejected as exc:
+            return {"order": item.reference, "status": "rejected", "reason_code": exc.code, "reason": exc.message}
+        reason = skip_reason(sr)
+        if reason:
+            return {"order": order_reference(sr), "status": "skipped", "reason_code": reason}
+
+    order = order_reference(sr)
+    context = _fetch_context(fhir, sr) if enrich_context else []
+    text = build_model_input(sr, context)
+
+    protocol = models.protocol.predict([text], top_k=top_k)[0] if is_imaging_order(sr) else None
+    diagnosis = models.diagnosis.predict([text], top_k=top_k)[0] if clinical_text(sr, context) else None
+    outcome: dict[str, Any] = {
+        "order": order,
+        "imaging": protocol is not None,
+        "protocol": protocol.to_json() if protocol else None,
+        "diagnosis": diagnosis.to_json() if diagnosis else None,
+    }
+    if protocol is None and (diagnosis is None or diagnosis.abstained):
+        # Nothing to write: not an imaging order and no confident diagnosis. Recorded, not an error.
+        outcome.update(status="no_suggestion", resources={})
+        return outcome
+
+    bundle = build_writeback_bundle(sr, protocol, diagnosis, recorded=recorded or datetime.now(timezone.utc))
+    try:
+        response = fhir.transaction(bundle)
+    except FhirPermanentError as exc:
+        outcome.update(
+            status="rejected",
+            reason_code="fhir_rejected_writeback",
+            reason=f"The FHIR server refused the write-back transaction with {exc.status}.",
+            operation_outcome=exc.operation_outcome,
+        )
+        return outcome
+    written, created, existing = _written_resources(response)
+    outcome.update(status="written", resources=written, created=created, existing=existing)
+    log.info("order %s written: %d created, %d already present", order, created, existing)
+    return outcome
