@@ -77,7 +77,7 @@ def fixture_events() -> tuple[list[dict], list[tuple[str, bytes]]]:
     return patients, events
 
 
-def _seed_fhir(fhir: FhirClient, patients: list[dict], events: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+def seed_fhir(fhir: FhirClient, patients: list[dict], events: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     """Store patients and valid orders on the server, as the hospital's EHR holds them, and return the
     events to publish: a stored order is published as the server returned it (with its versionId)."""
     for patient in patients:
@@ -100,7 +100,7 @@ def _seed_fhir(fhir: FhirClient, patients: list[dict], events: list[tuple[str, b
     return published
 
 
-def _suggestions_by_order(fhir: FhirClient) -> dict[str, dict[str, list[dict]]]:
+def suggestions_by_order(fhir: FhirClient) -> dict[str, dict[str, list[dict]]]:
     found: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for rtype, field in (("Task", "focus"), ("RiskAssessment", "basis")):
         for res in fhir.search(rtype, {"_count": "200"}):
@@ -214,7 +214,7 @@ def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
 
         fhir = FhirClient(settings.fhir_base_url)
         patients, events = fixture_events()
-        published = _seed_fhir(fhir, patients, events)
+        published = seed_fhir(fhir, patients, events)
 
         ensure_topics(settings.kafka_bootstrap, [settings.kafka_topic, settings.kafka_dlq_topic, settings.kafka_result_topic])
         env = {
@@ -260,7 +260,7 @@ def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
             orders += [i.service_request for i in parsed.items if i.service_request and not skip_reason(i.service_request)]
         labels_path = FIXTURES / "orders" / "labels.json"
         labels = json.loads(labels_path.read_text()) if labels_path.is_file() else {}
-        counts = _print_table(orders, _suggestions_by_order(fhir), _count_topic(settings.kafka_bootstrap, settings.kafka_dlq_topic), labels)
+        counts = _print_table(orders, suggestions_by_order(fhir), _count_topic(settings.kafka_bootstrap, settings.kafka_dlq_topic), labels)
         if keep_running:
             console.print("Services are up; press Ctrl-C to stop.")
             try:

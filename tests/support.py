@@ -1,0 +1,104 @@
+"""Small helpers the integration tests share: publish, read a topic, run the real consumer."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+
+@dataclass
+class Topics:
+    events: str
+    dlq: str
+    results: str
+    group: str
+
+    @classmethod
+    def fresh(cls, name: str) -> "Topics":
+        tag = f"{name}-{uuid.uuid4().hex[:8]}"
+        return cls(f"ev-{tag}", f"dlq-{tag}", f"res-{tag}", f"grp-{tag}")
+
+
+def publish(bootstrap: str, topic: str, events: list[tuple[str | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for key, value in events:
+        producer.send(topic, key=key.encode() if key else None, value=value)
+    producer.flush()
+    producer.close()
+
+
+@dataclass
+class Record:
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes] = field(default_factory=dict)
+
+    def json(self):
+        return json.loads(self.value)
+
+
+def read_topic(bootstrap: str, topic: str) -> list[Record]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=2000)
+    try:
+        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])]
+        if not parts:
+            return []
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        out: list[Record] = []
+        while any(consumer.position(p) < end[p] for p in parts):
+            for batch in consumer.poll(timeout_ms=1000).values():
+                out += [Record(m.key, m.value, dict(m.headers or [])) for m in batch]
+        return out
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int | None]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in parts}
+    finally:
+        consumer.close()
+
+
+def make_consumer(services, topics: Topics, **kw):
+    from connectors.kafka import EventConsumer, ensure_topics
+
+    ensure_topics(services.kafka_bootstrap, [topics.events, topics.dlq, topics.results])
+    return EventConsumer(
+        bootstrap=services.kafka_bootstrap,
+        topic=topics.events,
+        group=topics.group,
+        dlq_topic=topics.dlq,
+        result_topic=topics.results,
+        **kw,
+    )
+
+
+def consume(services, topics: Topics, *, max_events: int, timeout_s: float = 120.0, idle_timeout_s: float = 30.0):
+    from workers.dispatch import CeleryDispatcher
+
+    consumer = make_consumer(services, topics)
+    return consumer.run(CeleryDispatcher(timeout_s=timeout_s), max_events=max_events, idle_timeout_s=idle_timeout_s)
+
+
+def consume_in_thread(services, topics: Topics, *, max_events: int, timeout_s: float = 60.0):
+    from workers.dispatch import CeleryDispatcher
+
+    consumer = make_consumer(services, topics)
+    stop = threading.Event()
+    box: dict = {}
+
+    def run() -> None:
+        box["stats"] = consumer.run(CeleryDispatcher(timeout_s=timeout_s), stop=stop, max_events=max_events)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, stop, box
