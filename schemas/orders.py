@@ -1,0 +1,159 @@
+"""One ServiceRequest: is it valid, and does it need work?
+
+fhir.resources (R4B models) checks structure but not coded values, so the required bindings
+(``status``, ``intent``) and the subject the worker relies on are checked here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from schemas.references import ID_RE, RESOURCE_TYPE_RE
+from schemas.rejections import FIELD_NAME_RE, EventRejected, code_repr
+
+# FHIR R4 request-status and request-intent (required bindings).
+STATUSES = frozenset({"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"})
+INTENTS = frozenset(
+    {
+        "proposal",
+        "plan",
+        "directive",
+        "order",
+        "original-order",
+        "reflex-order",
+        "filler-order",
+        "instance-order",
+        "option",
+    }
+)
+# Intents that authorise the work. proposal/plan/option are suggestions, not orders, and a
+# directive is a patient's or relative's instruction, not something a department protocols.
+ORDER_INTENTS = frozenset({"order", "original-order", "reflex-order", "filler-order", "instance-order"})
+
+_MAX_STRUCTURE_ERRORS = 5
+
+
+def validate_service_request(sr: Any, *, path: str = "ServiceRequest") -> None:
+    """Check one ServiceRequest (from an event or read from FHIR); raises :class:`EventRejected`.
+
+    Own checks come first so that the most useful code wins: the id, the required bindings of
+    ``status`` and ``intent``, and a subject that ties the order to a patient (a display-only
+    subject does not). Then the structure is checked with the fhir.resources R4B model.
+    ``path`` names the resource in messages (e.g. ``Bundle.entry[2].resource``).
+    """
+    if not isinstance(sr, dict):
+        raise EventRejected("invalid_structure", f"{path} is not a JSON object.")
+    if sr.get("resourceType") != "ServiceRequest":
+        found = code_repr(sr.get("resourceType"), RESOURCE_TYPE_RE)
+        raise EventRejected(
+            "unsupported_resource_type", f"{path} has resourceType {found}, expected ServiceRequest."
+        )
+    order_id = sr.get("id")
+    if not isinstance(order_id, str) or not ID_RE.fullmatch(order_id):
+        raise EventRejected("invalid_structure", f"{path}.id is missing or not a valid FHIR id.")
+    where = f"{path} (id {order_id})"
+
+    status = sr.get("status")
+    if not _is_code(status, STATUSES):
+        problem = _binding_problem(status, "request-status")
+        raise EventRejected("invalid_status", f"{where}: status {problem}.")
+    intent = sr.get("intent")
+    if not _is_code(intent, INTENTS):
+        problem = _binding_problem(intent, "request-intent")
+        raise EventRejected("invalid_intent", f"{where}: intent {problem}.")
+    if not _has_subject(sr.get("subject")):
+        raise EventRejected(
+            "missing_subject",
+            f"{where}: subject has no reference or identifier, so the order names no patient.",
+        )
+
+    errors = _structure_errors(sr)
+    if errors:
+        shown = "; ".join(errors[:_MAX_STRUCTURE_ERRORS])
+        hidden = len(errors) - _MAX_STRUCTURE_ERRORS
+        more = f" (and {hidden} more)" if hidden > 0 else ""
+        raise EventRejected(
+            "invalid_structure", f"{where} is not a valid FHIR ServiceRequest: {shown}{more}."
+        )
+
+
+def skip_reason(sr: dict[str, Any]) -> str | None:
+    """``None`` when the order should be worked on, else a snake_case reason to count it by.
+
+    Only ``active`` orders with an order intent are actionable:
+    - draft: not signed yet; it comes back as ``active`` (a new version) when it is;
+    - on-hold: suspended; resuming it publishes a new version, which is worked on then;
+    - completed / revoked / entered-in-error: too late or void;
+    - unknown: the sender does not know the state, so nobody should act on it;
+    - intents proposal / plan / directive / option: not an order;
+    - ``doNotPerform: true``: a prohibition, nothing to protocol.
+    """
+    status = sr.get("status")
+    if status != "active":
+        return f"status_{_snake(status)}" if _is_code(status, STATUSES) else "status_invalid"
+    intent = sr.get("intent")
+    if not _is_code(intent, ORDER_INTENTS):
+        return f"intent_{_snake(intent)}" if _is_code(intent, INTENTS) else "intent_invalid"
+    if sr.get("doNotPerform") is True:
+        return "do_not_perform"
+    return None
+
+
+def _has_subject(subject: Any) -> bool:
+    if not isinstance(subject, dict):
+        return False
+    reference = subject.get("reference")
+    if isinstance(reference, str) and reference.strip():
+        return True
+    identifier = subject.get("identifier")
+    value = identifier.get("value") if isinstance(identifier, dict) else None
+    return isinstance(value, str) and bool(value.strip())
+
+
+@lru_cache(maxsize=1)
+def _service_request_model() -> Any:
+    # Imported on first use: fhir.resources is heavy and `import schemas` must stay cheap.
+    from fhir.resources.R4B.servicerequest import ServiceRequest
+
+    return ServiceRequest
+
+
+def _structure_errors(sr: dict[str, Any]) -> list[str]:
+    """Failing field paths and pydantic error types only: pydantic messages may quote the input."""
+    from pydantic import ValidationError
+
+    try:
+        _service_request_model().model_validate(sr)
+    except ValidationError as exc:
+        return [
+            f"{_loc_path(err['loc'])}: {err['type']}"
+            for err in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+    except (TypeError, ValueError) as exc:  # defensive: a model bug must not leak input text
+        return [f"model error {type(exc).__name__}"]
+    return []
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and FIELD_NAME_RE.fullmatch(part):
+            path += f".{part}" if path else part
+        else:  # not an element name (e.g. a key made of free text): not echoed
+            path += ".?" if path else "?"
+    return path or "(resource)"
+
+
+def _is_code(value: Any, codes: frozenset[str]) -> bool:
+    return isinstance(value, str) and value in codes
+
+
+def _binding_problem(value: Any, value_set: str) -> str:
+    return "is missing" if value is None else f"value {code_repr(value)} is not in the {value_set} value set"
+
+
+def _snake(code: str) -> str:
+    return code.replace("-", "_")

@@ -1,0 +1,101 @@
+"""Validation against the official FHIR R4 (4.0.1) JSON schema, shipped in ``schemas/data``.
+
+The schema picks a resource definition with a top-level ``oneOf`` over ~150 resource types (and
+``ResourceList`` does the same for Bundle entries and contained resources). Plain Draft 6
+validation therefore tries every definition for every resource: about 1.5 s per resource, and a
+useless error ("not valid under any of the given schemas"). The schema itself declares the
+intended dispatch as ``discriminator: {propertyName: resourceType, mapping}``, which Draft 6
+ignores; we load the schema once, replace those two ``oneOf``s with a ``fhirResourceType``
+keyword that follows the discriminator, and otherwise validate with stock Draft 6 semantics.
+Same verdicts, about 100x faster, and errors point at the failing field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+SCHEMA_RESOURCE = "data/fhir.schema.json.gz"
+_DISPATCH_KEYWORD = "fhirResourceType"
+_MAX_LISTED = 5
+
+
+def r4_schema_errors(resource: Any) -> list[str]:
+    """Problems of ``resource`` against the FHIR R4 JSON schema, ``[]`` when valid.
+
+    Each string is ``"<JSON path>: <failed keyword> (<detail from the schema>)"``; it never
+    quotes a value from the resource (only field names), so it can be logged.
+    """
+    validator = _validator()
+    errors = sorted(validator.iter_errors(resource), key=lambda e: (_path(e), str(e.validator)))
+    return [_describe(error) for error in errors]
+
+
+def is_r4_valid(resource: Any) -> bool:
+    return not r4_schema_errors(resource)
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    with resources.files("schemas").joinpath(SCHEMA_RESOURCE).open("rb") as fh:
+        schema: dict[str, Any] = json.loads(gzip.decompress(fh.read()))
+    mapping = schema["discriminator"]["mapping"]  # {"Account": "#/definitions/Account", ...}
+    dispatch = {_DISPATCH_KEYWORD: mapping}
+    schema["definitions"]["ResourceList"] = dispatch
+    return {"$schema": schema["$schema"], "definitions": schema["definitions"], **dispatch}
+
+
+@lru_cache(maxsize=1)
+def _validator() -> Any:
+    # jsonschema is imported here, not at module import: `import schemas` must stay cheap.
+    from jsonschema import Draft6Validator, ValidationError, validators
+
+    def fhir_resource_type(
+        validator: Any, mapping: dict[str, str], instance: Any, schema: Any
+    ) -> Iterator[Any]:
+        if not validator.is_type(instance, "object"):
+            yield ValidationError("a resource must be an object", validator="type", validator_value="object")
+            return
+        ref = mapping.get(instance.get("resourceType"))  # type: ignore[arg-type]
+        if ref is None:
+            yield ValidationError("unknown resourceType", validator=_DISPATCH_KEYWORD, path=["resourceType"])
+            return
+        yield from validator.descend(instance, {"$ref": ref})
+
+    FhirValidator = validators.extend(Draft6Validator, {_DISPATCH_KEYWORD: fhir_resource_type})
+    return FhirValidator(_schema())
+
+
+def _path(error: Any) -> str:
+    path = "$"
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _describe(error: Any) -> str:
+    keyword, expected, instance = error.validator, error.validator_value, error.instance
+    detail = ""
+    if keyword == "required" and isinstance(instance, dict):
+        detail = "missing " + ", ".join(k for k in expected if k not in instance)
+    elif keyword == "additionalProperties" and isinstance(instance, dict):
+        known = error.schema.get("properties", {})
+        extra = sorted(k for k in instance if k not in known)
+        detail = "unexpected " + ", ".join(extra[:_MAX_LISTED]) + (" ..." if len(extra) > _MAX_LISTED else "")
+    elif keyword == "type":
+        detail = f"expected {expected if isinstance(expected, str) else ' or '.join(expected)}"
+    elif keyword == "enum":
+        detail = "not an allowed code"
+    elif keyword == "const":
+        detail = f"expected {expected}"
+    elif keyword == "pattern":
+        detail = "does not match the FHIR datatype pattern"
+    elif keyword in ("minItems", "maxItems", "minLength", "maxLength", "minimum", "maximum"):
+        detail = f"{keyword} {expected}"
+    elif keyword == _DISPATCH_KEYWORD:
+        detail = "resourceType is missing or not an R4 resource type"
+    return f"{_path(error)}: {keyword} ({detail})" if detail else f"{_path(error)}: {keyword}"
