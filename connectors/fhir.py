@@ -73,7 +73,12 @@ class FhirPermanentError(FhirError):
     """The server refused the request for a reason a retry cannot fix (4xx other than 409/429)."""
 
     def __init__(
-        self, status: int, operation_outcome: dict | None = None, *, operation: str = "request", detail: str = ""
+        self,
+        status: int,
+        operation_outcome: dict | None = None,
+        *,
+        operation: str = "request",
+        detail: str = "",
     ) -> None:
         self.status = status
         self.operation_outcome = operation_outcome
@@ -114,7 +119,7 @@ def entry_status(entry: Mapping[str, Any]) -> int:
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date. None if absent/garbled."""
+    """Seconds to wait per a ``Retry-After`` header (delta-seconds or HTTP date); None if absent/garbled."""
     if not value:
         return None
     value = value.strip()
@@ -214,7 +219,8 @@ class _TokenCache:
             raise FhirPermanentError(
                 resp.status_code,
                 operation="OAuth2 token request",
-                detail=f"{err or 'rejected'}; check EHRW_FHIR_CLIENT_ID, EHRW_FHIR_CLIENT_SECRET and EHRW_FHIR_TOKEN_URL",
+                detail=f"{err or 'rejected'}; check EHRW_FHIR_CLIENT_ID, EHRW_FHIR_CLIENT_SECRET "
+                "and EHRW_FHIR_TOKEN_URL",
             )
         try:
             body = resp.json()
@@ -315,7 +321,9 @@ class FhirClient:
         result = self._request("POST", "", json=bundle, operation=f"{bundle['type']} Bundle")
         expected = f"{bundle['type']}-response"
         if result.get("resourceType") != "Bundle" or result.get("type") != expected:
-            raise FhirPermanentError(200, operation="transaction", detail=f"server did not return a {expected} Bundle")
+            raise FhirPermanentError(
+                200, operation="transaction", detail=f"server did not return a {expected} Bundle"
+            )
         return result
 
     def read(self, reference: str) -> dict:
@@ -324,7 +332,9 @@ class FhirClient:
         path = f"{rtype}/{rid}" + (f"/_history/{vid}" if vid else "")
         return self._request("GET", path, operation=f"read {rtype}")
 
-    def search(self, resource_type: str, params: Params | None = None, *, max_pages: int | None = None) -> list[dict]:
+    def search(
+        self, resource_type: str, params: Params | None = None, *, max_pages: int | None = None
+    ) -> list[dict]:
         """Resources matching a search (``match`` and ``include`` entries), following ``next`` links.
 
         Stops after ``max_pages`` pages (default: the client's) with a warning rather than
@@ -343,9 +353,14 @@ class FhirClient:
             if not next_url:
                 return resources
             if page == limit:
-                log.warning("search %s: stopped after %d pages (%d resources); narrow the search", resource_type, limit, len(resources))
+                log.warning(
+                    "search %s: stopped after %d pages (%d resources); narrow the search",
+                    resource_type, limit, len(resources),
+                )  # fmt: skip
                 return resources
-            bundle = self._request("GET", self._same_server(next_url), operation=f"search {resource_type} (next page)")
+            bundle = self._request(
+                "GET", self._same_server(next_url), operation=f"search {resource_type} (next page)"
+            )
         return resources
 
     def count(self, resource_type: str, params: Params | None = None) -> int:
@@ -355,7 +370,9 @@ class FhirClient:
         bundle = self._request("GET", resource_type, params=query, operation=f"count {resource_type}")
         total = bundle.get("total")
         if not isinstance(total, int):
-            raise FhirPermanentError(200, operation=f"count {resource_type}", detail="server returned no Bundle.total")
+            raise FhirPermanentError(
+                200, operation=f"count {resource_type}", detail="server returned no Bundle.total"
+            )
         return total
 
     def create(self, resource: dict, *, if_none_exist: str | None = None) -> dict:
@@ -366,7 +383,12 @@ class FhirClient:
         rtype = _check_type(resource.get("resourceType"))
         headers = {"If-None-Exist": if_none_exist} if if_none_exist else {}
         return self._request(
-            "POST", rtype, json=resource, headers=headers, operation=f"create {rtype}", idempotent=bool(if_none_exist)
+            "POST",
+            rtype,
+            json=resource,
+            headers=headers,
+            operation=f"create {rtype}",
+            idempotent=bool(if_none_exist),
         )
 
     def put(self, resource: dict, *, if_match: str | None = None) -> dict:
@@ -376,7 +398,9 @@ class FhirClient:
         if not rid or not _REFERENCE.match(f"{rtype}/{rid}"):
             raise ValueError("put() needs a resource with a valid id")
         headers = {"If-Match": f'W/"{if_match}"'} if if_match else {}
-        return self._request("PUT", f"{rtype}/{rid}", json=resource, headers=headers, operation=f"update {rtype}")
+        return self._request(
+            "PUT", f"{rtype}/{rid}", json=resource, headers=headers, operation=f"update {rtype}"
+        )
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -389,7 +413,10 @@ class FhirClient:
             ref = ref[len(self.base_url) + 1 :]
         match = _REFERENCE.match(ref)
         if not match:
-            raise ValueError(f"not a FHIR reference like 'ServiceRequest/123' or 'ServiceRequest/123/_history/2': {reference!r}")
+            raise ValueError(
+                "not a FHIR reference like 'ServiceRequest/123' or 'ServiceRequest/123/_history/2': "
+                f"{reference!r}"
+            )
         return match.group(1), match.group(2), match.group(3)
 
     def _same_server(self, url: str) -> str:
@@ -402,7 +429,9 @@ class FhirClient:
         if not parts.scheme:  # relative link
             return url
         if not parts.path.startswith(self._base.path):
-            raise FhirPermanentError(200, operation="search paging", detail="next link points outside the FHIR base URL")
+            raise FhirPermanentError(
+                200, operation="search paging", detail="next link points outside the FHIR base URL"
+            )
         return urlunsplit((self._base.scheme, self._base.netloc, parts.path, parts.query, ""))
 
     def _auth_headers(self) -> dict[str, str]:
@@ -451,11 +480,15 @@ class FhirClient:
                 query = _param_items(params) or None
                 resp = self._http.request(method, url, json=json, params=query, headers=req_headers)
             except httpx.TimeoutException as exc:
-                failure = FhirTransientError(f"{operation}: {type(exc).__name__} after {self.timeout}s at {log_path}")
+                failure = FhirTransientError(
+                    f"{operation}: {type(exc).__name__} after {self.timeout}s at {log_path}"
+                )
                 # A request that may have reached the server is only retried when repeating it is harmless.
                 retryable = idempotent or isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
             except httpx.TransportError as exc:
-                failure = FhirTransientError(f"{operation}: {type(exc).__name__} talking to {self._base.netloc}")
+                failure = FhirTransientError(
+                    f"{operation}: {type(exc).__name__} talking to {self._base.netloc}"
+                )
                 retryable = idempotent or isinstance(exc, httpx.ConnectError)
             except FhirTransientError as exc:  # the OAuth2 token endpoint
                 failure, retryable = exc, True
@@ -471,12 +504,14 @@ class FhirClient:
                     refreshed_token = True
                     continue
                 if status not in (409, 429) and status < 500:
-                    raise FhirPermanentError(status, outcome, operation=operation)
+                    hint = "check EHRW_FHIR_AUTH and its credentials/scopes" if status in (401, 403) else ""
+                    raise FhirPermanentError(status, outcome, operation=operation, detail=hint)
                 # 409 is a concurrent-version conflict (two workers' conditional creates racing):
                 # a retry finds the winner's resource.
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                summary = outcome_summary(outcome)
                 failure = FhirTransientError(
-                    f"{operation} failed with HTTP {status}" + (f": {s}" if (s := outcome_summary(outcome)) else ""),
+                    f"{operation} failed with HTTP {status}" + (f": {summary}" if summary else ""),
                     status=status,
                     retry_after=retry_after,
                     operation_outcome=outcome,
@@ -487,8 +522,9 @@ class FhirClient:
             if failure.retry_after is not None and failure.retry_after > _MAX_INLINE_RETRY_AFTER_S:
                 raise failure  # the caller schedules the retry; no worker should sleep minutes here
             log.info(
-                "%s %s: %s (status %s); retry %d/%d", method, log_path, operation, failure.status, attempt + 1, self.max_retries
-            )
+                "%s %s: %s (status %s); retry %d/%d",
+                method, log_path, operation, failure.status, attempt + 1, self.max_retries,
+            )  # fmt: skip
             self._sleep_before_retry(attempt, failure.retry_after)
             attempt += 1
 
@@ -524,9 +560,9 @@ def _json_body(resp: httpx.Response, operation: str) -> dict:
     try:
         body = resp.json()
     except ValueError:
-        raise FhirPermanentError(resp.status_code, operation=operation, detail="response is not JSON") from None
+        raise FhirPermanentError(resp.status_code, operation=operation, detail="not JSON") from None
     if not isinstance(body, dict):
-        raise FhirPermanentError(resp.status_code, operation=operation, detail="response is not a JSON object")
+        raise FhirPermanentError(resp.status_code, operation=operation, detail="not a JSON object")
     return body
 
 
