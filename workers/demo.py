@@ -128,7 +128,7 @@ def _print_table(orders: list[dict], suggestions, dlq_count: int, labels: dict) 
                 kind = (inp.get("type") or {}).get("text", "")
                 if kind == "suggested-protocol":
                     protocol = (inp["valueCodeableConcept"].get("coding") or [{}])[0].get("display", "?")
-                elif kind == "suggested-protocol-probability" or (kind.endswith("probability") and not prob and protocol != "-"):
+                elif kind == "suggested-protocol-probability":
                     prob = f"{inp.get('valueDecimal', 0):.2f}"
             if protocol == "-":
                 protocol = "(abstained) " + ((task.get("businessStatus") or {}).get("text") or "")[:30]
@@ -258,7 +258,7 @@ def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
             except EventRejected:
                 continue
             orders += [i.service_request for i in parsed.items if i.service_request and not skip_reason(i.service_request)]
-        labels_path = FIXTURES / "orders" / "labels.json"
+        labels_path = FIXTURES / "expected-labels.json"
         labels = json.loads(labels_path.read_text()) if labels_path.is_file() else {}
         counts = _print_table(orders, suggestions_by_order(fhir), _count_topic(settings.kafka_bootstrap, settings.kafka_dlq_topic), labels)
         if keep_running:

@@ -31,7 +31,7 @@ def read_orders(path: Path) -> Iterator[tuple[str, dict]]:
             elif "text" in row and "id" in row:
                 if not isinstance(row["text"], str):
                     raise ValueError(f"{path}:{lineno}: 'text' must be a string")
-                yield str(row["id"]), service_request_from_text(str(row["id"]), row["text"])
+                yield str(row["id"]), service_request_from_text(str(row["id"]), row["text"], field="note")
             else:
                 found = row.get("resourceType") or ", ".join(sorted(row)[:5]) or "nothing"
                 raise ValueError(

@@ -1,0 +1,562 @@
+"""Generated imaging orders labelled with the appropriate protocol (``protocol_kb`` knowledge table).
+
+``generate(n, seed=0, split="train")`` returns ``n`` FHIR ServiceRequests whose ``code.text`` is
+the (often generic) ordered procedure, ``reasonCode[].text`` the indication and ``note[].text``
+the clinical note, each labelled with the protocol code of ``schemas.catalog.PROTOCOLS``.
+
+- Label mix: Zipf-like like a real order mix (``protocol_kb.VOLUME``) with a floor of 0.5 % of
+  ``n`` (at least one) per protocol, so every protocol has examples once ``n >= 34``.
+- Splits: ``train`` and ``val`` draw from the same phrasing pools and note templates (different
+  random streams); ``test`` uses note templates, question/duration/demographic phrasings and a
+  share of every knowledge-table phrase list that train never sees. ``group`` is
+  ``"<pool>:<template>"``, so ``{test groups} & {train groups} == {}``.
+- Patient factors that change the answer (renal function, contrast allergy, pregnancy, age,
+  MRI-unsafe implants) appear when they flip the protocol, as negated mentions ("Cr 0.8", "NKDA")
+  when they could have, and as harmless distractors elsewhere.
+- Surface: clinician abbreviations, ~1.5 % typos, casing and punctuation styles, past history
+  that does not drive the protocol, and (4-15 %) a rare-disease phenotype background.
+- Rare-disease workup orders (``WORKUP``, 20 % of MRI brain, echo, renal/abdominal US, chest CT
+  and thyroid US examples): a genetics-style case description from the HPO annotations in the
+  note and the imaging question in the reason, like the demo fixtures.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+from schemas.catalog import PROTOCOL_SYSTEM, PROTOCOLS, protocol_by_display
+from schemas.labels import Label
+
+from . import protocol_kb as kb
+from .common import Dataset, LabelledOrder, Split, make_rng, service_request
+from .noise import cap, join_list, surface
+
+TASK = "protocol"
+
+
+def protocol_labels() -> list[Label]:
+    """The protocol label space in catalog order (index = class id)."""
+    return [Label(PROTOCOL_SYSTEM, p.code, p.display) for p in PROTOCOLS]
+
+
+def _code(display: str) -> str:
+    return protocol_by_display(display).code
+
+
+def split_pool(items, pool: str, every: int = 3) -> tuple:
+    """Train/test share of a phrase list: every ``every``-th item (positions every-1, 2*every-1, ...)
+    is test-only; of two items the second, of three the third; a single item is shared."""
+    items = tuple(items)
+    if len(items) <= 1:
+        return items
+    if len(items) == 2:
+        return items[:1] if pool == "train" else items[1:]
+    if len(items) == 3:
+        return items[:2] if pool == "train" else items[2:]
+    return tuple(x for i, x in enumerate(items) if (i % every == every - 1) == (pool == "test"))
+
+
+KB_EVERY = 4  # knowledge-table phrase lists: a quarter of the phrasings is held out for test
+
+
+# ------------------------------------------------------------------------------------------ fillers
+
+
+def _f1(lo: float, hi: float) -> Callable[[random.Random], str]:
+    return lambda r: f"{r.uniform(lo, hi):.1f}"
+
+
+def _i(lo: int, hi: int) -> Callable[[random.Random], str]:
+    return lambda r: str(r.randint(lo, hi))
+
+
+FILLERS: dict[str, Callable[[random.Random], str]] = {
+    "o2": _i(84, 93), "temp": _f1(38.1, 39.8), "wbc_hi": _f1(11.5, 22.0), "bnp": lambda r: str(r.randrange(450, 3500, 10)),
+    "ddimer": lambda r: f"{r.uniform(0.6, 5.0):.2f}", "hr": _i(101, 135),
+    "wells": lambda r: r.choice(["4.5", "5", "6", "6.5", "7.5"]), "cr_hi": _f1(2.1, 7.5), "egfr_lo": _i(6, 28),
+    "cr_ok": _f1(0.6, 1.1), "egfr_ok": _i(65, 115), "wk": _i(6, 38), "mm": _i(4, 14), "mon": _i(1, 12),
+    "yr": _i(2019, 2024), "afp": _i(25, 900), "psa": _f1(4.5, 45.0), "lipase": _i(400, 4000), "bili": _f1(2.5, 12.0),
+    "alp": _i(180, 900), "prl": _i(60, 400), "nihss": _i(4, 22), "lkw": lambda r: r.choice(["30", "45", "60", "90", "120"]),
+    "hcg": _i(800, 6000), "surgery": lambda r: r.choice(kb.SURGERIES), "inr": _f1(2.0, 4.2), "sbp": _i(150, 210),
+    "crp": _i(20, 180), "lactate": _f1(2.2, 6.0), "moca": _i(12, 24), "alt": _i(80, 400),
+}
+
+DURATIONS = {
+    "train": ("x2 days", "x 3d", "for 2 days", "since yesterday", "x1 wk", "for several hours", "since this AM",
+              "x 4 days", "for 1 week", "x 6 hrs", "x2 weeks"),
+    "test": ("for the past 48 hours", "over the last week", "that began last night", "of 5 days duration",
+             "ongoing for about 10 days", "starting 3 days ago", "for a fortnight"),
+}
+
+QUESTION_FORMS = {
+    "train": ("r/o {q}", "rule out {q}", "eval for {q}", "concern for {q}", "?{q}", "assess for {q}", "evaluate for {q}",
+              "c/f {q}", "{q}", "r/o {q}", "eval {q}", "concerning for {q}"),
+    "test": ("query {q}", "exclude {q}", "question of {q}", "{q}?", "please evaluate for possible {q}", "suspect {q}",
+             "ddx includes {q}", "worried about {q}", "looking for {q}", "? {q} - pls assess"),
+}
+
+_SEX_WORDS = {
+    # style key -> (male, female)
+    "MF": ("M", "F"), "male": ("male", "female"), "man": ("man", "woman"), "boy": ("boy", "girl"),
+    "gent": ("gentleman", "lady"), "sexword": ("male", "female"), "child": ("son", "daughter"),
+}
+DEMOGRAPHICS = {
+    "train": {
+        "adult": ("{a} yo {MF}", "{a}{MF}", "{a} y/o {male}", "{a}-year-old {man}", "{a} yo {male}", "pt is {a} yo {MF}",
+                  "{a} year old {man}", "{a}yo {MF}"),
+        "child": ("{a} yo {boy}", "{a}-year-old {boy}", "{a}yo {MF}", "{a} y/o {boy}"),
+        "infant": ("{m} mo old {boy}", "{m}-month-old {boy}", "{m} mo {MF}"),
+    },
+    "test": {
+        "adult": ("{a} year old {gent}", "{sexword} aged {a}", "{a}yr {MF}", "{MF}/{a}", "{a}-yr-old {sexword} pt",
+                  "age {a}, {sexword}"),
+        "child": ("{a}y {boy}", "{a} yr old {boy}", "{MF}/{a}y", "{sexword} child aged {a}"),
+        "infant": ("{m} month old baby {boy}", "infant ({m} months, {sexword})", "{m}mo {sexword} infant"),
+    },
+}
+
+
+_FEMALE_ONLY = re.compile(r"postpartum|\bocps?\b|pregnan|menses|menstru|ovar|uter|hysterect|endometri|cervical ca", re.I)
+_CHILDBEARING = re.compile(r"postpartum|\bocps?\b", re.I)
+_MALE_ONLY = re.compile(r"prostat|\bpsa\b|testic|\bbph\b|scrot", re.I)
+
+
+def _fits(phrase: str, sex: str, age: int) -> bool:
+    """Sex- and age-specific phrasings only for patients they fit."""
+    if sex == "M" and _FEMALE_ONLY.search(phrase):
+        return False
+    if sex == "F" and _MALE_ONLY.search(phrase):
+        return False
+    return not (_CHILDBEARING.search(phrase) and not 15 <= age <= 50)
+
+
+def _fill(text: str, rng: random.Random, pool: str) -> str:
+    if "{" not in text:
+        return text
+    out = text
+    for key in ("dur",):
+        while "{dur}" in out:
+            out = out.replace("{dur}", rng.choice(DURATIONS[pool]), 1)
+    for key, fn in FILLERS.items():
+        token = "{" + key + "}"
+        while token in out:
+            out = out.replace(token, fn(rng), 1)
+    return out
+
+
+def demographics(rng: random.Random, age: int, sex: str, pool: str, months: int | None = None) -> str:
+    kind = "infant" if months is not None else ("child" if age < 16 else "adult")
+    template = rng.choice(DEMOGRAPHICS[pool][kind])
+    male = sex == "M"
+    out = template.replace("{a}", str(age)).replace("{m}", str(months if months is not None else 0))
+    for key, (m, f) in _SEX_WORDS.items():
+        out = out.replace("{" + key + "}", m if male else f)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    scenario: kb.Scenario
+    factor: str | None  # the flip factor, or None for the plain scenario
+    label: str  # protocol display
+    weight: float
+
+
+def _effect(scenario: kb.Scenario, factor: str, protocol: str | None = None) -> str | None:
+    """What ``factor`` does to ``protocol`` (default: the scenario's): a replacement display, BLOCK, or None."""
+    base = protocol or scenario.protocol
+    if protocol is None and factor in scenario.flips:
+        return scenario.flips[factor]
+    if base in kb.BLOCKED.get(factor, ()):
+        return kb.BLOCK
+    return kb.FLIPS.get(factor, {}).get(base)
+
+
+def _factor_possible(scenario: kb.Scenario, factor: str) -> bool:
+    lo, hi = scenario.age
+    if factor == "pregnant":
+        return scenario.sex != "M" and lo <= 42 and hi >= 18
+    if factor == "child":
+        return lo < 16 and hi >= 16
+    return True
+
+
+@lru_cache(maxsize=1)
+def candidates_by_label() -> dict[str, tuple[Candidate, ...]]:
+    out: dict[str, list[Candidate]] = {p.display: [] for p in PROTOCOLS}
+    for sc in kb.SCENARIOS:
+        out[sc.protocol].append(Candidate(sc, None, sc.protocol, sc.weight))
+        for factor in kb.FACTORS:
+            if factor in sc.fixed or not _factor_possible(sc, factor):
+                continue
+            eff = _effect(sc, factor)
+            if eff and eff != kb.BLOCK and eff != sc.protocol:
+                out[eff].append(Candidate(sc, factor, eff, sc.weight * kb.FLIP_WEIGHT[factor]))
+    missing = [k for k, v in out.items() if not v]
+    if missing:
+        raise RuntimeError(f"knowledge table has no scenario for protocols {missing}")
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def allocate(n: int, rng: random.Random) -> dict[str, int]:
+    """Examples per protocol display: a floor of 0.5 % of n (>= 1), the rest by order volume."""
+    displays = [p.display for p in PROTOCOLS]
+    vol = [kb.VOLUME[d] for d in displays]
+    if n < len(displays):
+        chosen: list[str] = []
+        pool = list(zip(displays, vol))
+        for _ in range(n):
+            d = rng.choices([p[0] for p in pool], weights=[p[1] for p in pool])[0]
+            chosen.append(d)
+            pool = [p for p in pool if p[0] != d]
+        return {d: 1 for d in chosen}
+    floor = max(1, int(0.005 * n))
+    rest = n - floor * len(displays)
+    total = sum(vol)
+    raw = [rest * v / total for v in vol]
+    counts = [int(x) for x in raw]
+    order = sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)
+    for i in order[: rest - sum(counts)]:
+        counts[i] += 1
+    return {d: floor + c for d, c in zip(displays, counts)}
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+
+@dataclass
+class Parts:
+    demo: str = ""
+    demo_required: bool = False
+    sx: str = ""
+    hx: list[str] = field(default_factory=list)
+    find: list[str] = field(default_factory=list)
+    q: str = ""
+    neg: list[str] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)  # factor mentions (required ones included)
+    pmh: list[str] = field(default_factory=list)
+    bg: str = ""  # syndromic background (rare-disease phenotype terms), a distractor
+
+
+def _s(*bits: str, sep: str = ". ") -> str:
+    """Join non-empty bits as sentences."""
+    out = [b.strip().rstrip(".") for b in bits if b and b.strip()]
+    return (sep.join(out) + ".") if out else ""
+
+
+def _core(p: Parts) -> list[str]:
+    return [x for x in [p.sx, *p.hx, p.q] if x]
+
+
+# Train templates ---------------------------------------------------------------------------------
+
+
+def _tr_short(p: Parts, r: random.Random):
+    bits = _core(p)[:2] if r.random() < 0.5 else _core(p)[:1] + ([p.q] if p.q and p.q not in _core(p)[:1] else [])
+    bits = bits + p.facts
+    head = p.demo if (p.demo_required or r.random() < 0.3) else ""
+    return [", ".join(x for x in [head, "; ".join(bits)] if x)], []
+
+
+def _tr_ed(p: Parts, r: random.Random):
+    first = f"{p.demo} c/o {p.sx}" if p.sx else (f"{p.demo} with {join_list(p.hx, r)}" if p.hx else p.demo)
+    rest_hx = p.hx if p.sx else []
+    pmh = f"PMH: {', '.join(p.pmh)}" if p.pmh else ""
+    note = _s(first, join_list(rest_hx, r), ", ".join(p.find), ", ".join(p.neg), ", ".join(p.facts), p.bg, pmh)
+    return [p.q or p.sx or (p.hx[0] if p.hx else "")], [note]
+
+
+def _tr_history(p: Parts, r: random.Random):
+    hist = ", ".join(x for x in [p.demo, *p.hx, p.sx, *p.find] if x)
+    note = _s(f"Clinical history: {hist}" if hist else "", ", ".join(p.facts), p.bg,
+              f"Reason for exam: {p.q}" if p.q else "")
+    return [], [note]
+
+
+def _tr_narrative(p: Parts, r: random.Random):
+    who = p.demo or "Pt"
+    who = cap(who)
+    if p.pmh:
+        who += f" with PMH of {join_list(p.pmh, r)}"
+    pres = f"{who} who presents with {p.sx}" if p.sx else who
+    note = _s(pres, join_list(p.hx, r), ", ".join(p.find), ", ".join(p.neg), ", ".join(p.facts), p.bg, cap(p.q))
+    reasons = [p.q] if p.q and r.random() < 0.3 else []
+    return reasons, [note]
+
+
+def _tr_oneliner(p: Parts, r: random.Random):
+    main = " ".join(x for x in [p.demo, p.sx or (p.hx[0] if p.hx else "")] if x)
+    bits = [main] + (p.hx[1:] if not p.sx else p.hx) + p.find[:1] + ([p.q] if p.q else []) + p.facts
+    return [", ".join(b for b in bits if b)], []
+
+
+def _tr_hx_q(p: Parts, r: random.Random):
+    reason = _s(join_list(p.hx, r) if p.hx else p.sx, p.q)
+    note = _s(p.demo, ", ".join(p.find), ", ".join(p.facts), p.bg,
+              f"PMH {', '.join(p.pmh)}" if p.pmh else "") if (p.facts or p.find or p.pmh or p.demo_required) else ""
+    return [reason], [note] if note else []
+
+
+# Test templates ----------------------------------------------------------------------------------
+
+
+def _te_indication(p: Parts, r: random.Random):
+    ind = "; ".join(x for x in [p.demo, p.sx, *p.hx] if x)
+    note = _s(f"Indication: {ind}" if ind else "", ", ".join(p.find), ", ".join(p.facts), p.bg,
+              f"Question: {p.q}" if p.q else "")
+    return [], [note]
+
+
+def _te_soap(p: Parts, r: random.Random):
+    s = f"S: {p.demo or 'patient'} reports {p.sx}" if p.sx else f"S: {p.demo or 'patient'}"
+    o = f"O: {', '.join(p.find)}" if p.find else ""
+    hx = f"Hx: {'; '.join(p.hx)}" if p.hx else ""
+    a = f"A/P: {p.q}, imaging requested" if p.q else "A/P: imaging requested"
+    pmh = f"PMH {', '.join(p.pmh)}" if p.pmh else ""
+    return [], [_s(s, hx, o, ", ".join(p.facts), p.bg, a, pmh)]
+
+
+def _te_question_first(p: Parts, r: random.Random):
+    reason = cap(p.q) if p.q else (p.sx or (p.hx[0] if p.hx else ""))
+    bits = [p.demo, p.sx if p.q else "", *p.hx, *p.find, *p.neg, *p.facts, p.bg]
+    return [reason], ["; ".join(b for b in bits if b)]
+
+
+def _te_terse(p: Parts, r: random.Random):
+    bits = [p.demo, p.sx, *p.hx, *p.find[:1], *p.facts, p.q]
+    return [" / ".join(b for b in bits if b)], []
+
+
+def _te_consult(p: Parts, r: random.Random):
+    note = _s(p.demo, f"Presenting problem: {p.sx}" if p.sx else "", f"Relevant hx: {'; '.join(p.hx)}" if p.hx else "",
+              f"Exam/labs: {', '.join(p.find)}" if p.find else "", ", ".join(p.facts), p.bg,
+              f"Clinical question: {p.q}" if p.q else "")
+    return [], [note]
+
+
+def _te_hpi(p: Parts, r: random.Random):
+    hpi = f"HPI: {p.demo or 'patient'} presenting with {p.sx}" if p.sx else f"HPI: {p.demo or 'patient'}"
+    note = _s(hpi, ", ".join(p.neg), join_list(p.hx, r), ", ".join(p.find),
+              f"Pertinent: {', '.join(p.facts)}" if p.facts else "", p.bg)
+    return [p.q] if p.q else [], [note]
+
+
+TEMPLATES = {
+    "train": (("short", _tr_short, 2.0), ("ed", _tr_ed, 2.0), ("history", _tr_history, 1.5),
+              ("narrative", _tr_narrative, 1.5), ("oneliner", _tr_oneliner, 1.5), ("hx-q", _tr_hx_q, 1.0)),
+    "test": (("indication", _te_indication, 1.5), ("soap", _te_soap, 1.0), ("question-first", _te_question_first, 1.5),
+             ("terse", _te_terse, 1.5), ("consult", _te_consult, 1.0), ("hpi", _te_hpi, 1.0)),
+}
+
+
+def _pick(rng: random.Random, items, k_max: int, p_each: float) -> list:
+    items = list(items)
+    rng.shuffle(items)
+    return [x for x in items[:k_max] if rng.random() < p_each]
+
+
+def _syndromic_background(rng: random.Random, pool: str) -> str:
+    from .diagnosis import background_phenotypes
+
+    terms = background_phenotypes(rng, pool, k=rng.randint(2, 4) if rng.random() < 0.6 else rng.randint(5, 9))
+    lead = rng.choice(("known genetic syndrome with", "PMH notable for", "hx", "background:") if pool == "train"
+                      else ("longstanding", "relevant background of", "also has"))
+    return f"{lead} {join_list(terms, rng)}"
+
+
+def _render(rng: random.Random, cand: Candidate, pool: str) -> tuple[dict, str]:
+    sc = cand.scenario
+    label = cand.label
+    lo, hi = sc.age
+    flip = cand.factor
+    child_sensitive = _factor_possible(sc, "child") and _effect(sc, "child") not in (None, kb.BLOCK)
+    if flip == "child":
+        lo, hi = max(lo, 3), 15
+    elif child_sensitive:
+        lo = max(lo, 16)
+    pregnant = flip == "pregnant" or "pregnant" in sc.fixed
+    if pregnant:
+        lo, hi = max(lo, 18), min(hi, 42)
+    age = rng.randint(lo, hi)
+    sex = "F" if pregnant else (sc.sex or ("F" if rng.random() < 0.52 else "M"))
+    months = None
+    if sc.infant and age <= 1 and rng.random() < 0.8:
+        months = rng.randint(1, 11) if age == 0 else rng.randint(12, 23)
+
+    p = Parts()
+    p.demo_required = child_sensitive or hi < 18 or sc.infant
+    p.demo = demographics(rng, age, sex, pool, months) if (p.demo_required or rng.random() < 0.85) else ""
+
+    def take(lst):
+        return [_fill(x, rng, pool) for x in split_pool(lst, pool, KB_EVERY) if _fits(x, sex, age)]
+
+    sx, hx, find, qs, neg = take(sc.sx), take(sc.hx), take(sc.find), take(sc.q), take(sc.neg)
+    if sx and rng.random() < 0.85:
+        p.sx = rng.choice(sx)
+    p.hx = _pick(rng, hx, 2, 0.6)
+    p.find = _pick(rng, find, 3, 0.45)
+    if qs and (rng.random() < 0.75 or not (p.sx or p.hx or p.find)):
+        p.q = rng.choice(QUESTION_FORMS[pool]).replace("{q}", rng.choice(qs))
+    # the context that makes the question answerable is always there: a complaint or history
+    # when the scenario has them, else findings and the question
+    if (sx or hx) and not (p.sx or p.hx):
+        if sx and (not hx or rng.random() < 0.5):
+            p.sx = rng.choice(sx)
+        else:
+            p.hx = [rng.choice(hx)]
+    if not (sx or hx):
+        if find and not p.find:
+            p.find = [rng.choice(find)]
+        if qs and not p.q:
+            p.q = rng.choice(QUESTION_FORMS[pool]).replace("{q}", rng.choice(qs))
+    p.neg = _pick(rng, neg, 2, 0.35)
+
+    # factors: required (flip / fixed), negated mentions of the ones that matter, distractors
+    facts: list[str] = []
+    for factor in kb.FACTORS:
+        if factor == "child":
+            continue
+        present_texts, absent_texts = kb.FACTOR_TEXT[factor]
+        present_texts, absent_texts = split_pool(present_texts, pool), split_pool(absent_texts, pool)
+        if factor == flip or factor in sc.fixed:
+            facts.append(_fill(rng.choice(present_texts), rng, pool))
+            continue
+        eff = _effect(sc, factor)
+        sensitive = eff is not None and eff != sc.protocol
+        if sensitive:
+            if factor == "pregnant" and (sex == "M" or not 14 <= age <= 50):
+                continue
+            p_neg = 0.15 if factor == "pacemaker" else 0.25
+            if rng.random() < p_neg:
+                facts.append(_fill(rng.choice(absent_texts), rng, pool))
+            continue
+        # distractor: harmless for the base protocol and for the label
+        if label != sc.protocol and _effect(sc, factor, label) is not None:
+            continue
+        if factor == "pregnant" and not (sex == "F" and 18 <= age <= 42 and label in kb.PREGNANCY_NEUTRAL):
+            continue
+        if rng.random() < kb.DISTRACTOR_P[factor]:
+            facts.append(_fill(rng.choice(present_texts), rng, pool))
+    rng.shuffle(facts)
+    if sc.key:  # the fact that makes this scenario's answer: rendered by every template
+        facts.insert(0, rng.choice(take(sc.key)))
+    p.facts = facts
+
+    if rng.random() < 0.45:
+        pmh = [x for x in split_pool(kb.PMH, pool)
+               if not (sex == "F" and x in kb.PMH_MALE_ONLY) and not (sex == "M" and x in kb.PMH_FEMALE_ONLY)]
+        p.pmh = rng.sample(pmh, rng.randint(1, 4))
+    # rare-disease phenotype background (a distractor for the protocol): more common in children
+    if rng.random() < (0.15 if sc.age[0] < 18 else 0.04):
+        p.bg = _syndromic_background(rng, pool)
+
+    templates = kb_templates(pool)
+    name, fn, _ = rng.choices(templates, weights=[t[2] for t in templates])[0]
+    reasons, notes = fn(p, rng)
+    reasons = [surface(x, rng) for x in reasons if x]
+    notes = [surface(x, rng) for x in notes if x]
+
+    # ordered procedure: usually generic, sometimes the exact protocol, sometimes nothing useful
+    r = rng.random()
+    if r < 0.10:
+        code_text = label
+    elif r < 0.18:
+        code_text = rng.choice(split_pool(kb.GENERIC_ORDERS, pool))
+    elif r < 0.25:
+        code_text = None
+    else:
+        src = sc.protocol if (label != sc.protocol and rng.random() < 0.5) else label
+        code_text = rng.choice(split_pool(kb.ORDER_NAMES[src], pool))
+    sr = service_request(rng, code_text=code_text, reasons=reasons, notes=notes, imaging=True)
+    return sr, f"{pool}:{name}"
+
+
+def kb_templates(pool: str):
+    return TEMPLATES[pool]
+
+
+# Rare-disease workup orders: a genetics-style case description in the note (rendered from the HPO
+# annotations by ``diagnosis``), the imaging question in the reason. protocol -> (organ system of
+# ``diagnosis.ORDER_BY_SYSTEM``, knowledge-table scenarios whose questions are used)
+WORKUP: dict[str, tuple[str, tuple[str, ...]]] = {
+    kb.MRB: ("neuro", ("peds_neuro",)),
+    kb.ECHO: ("cardiac", ("syndromic_heart", "murmur")),
+    kb.US_RENAL: ("renal", ("renal_cysts",)),
+    kb.US_ABD: ("abdominal", ("organomegaly",)),
+    kb.CT_CH_WO: ("lung", ("bronchiectasis", "emphysema_young")),
+    kb.US_THY: ("thyroid", ("thyroid_nodule",)),
+}
+WORKUP_SHARE = 0.2  # of the examples of those protocols
+
+
+@lru_cache(maxsize=1)
+def _diseases_by_system() -> dict[str, tuple[str, ...]]:
+    from . import diagnosis as dx
+
+    out: dict[str, list[str]] = {}
+    for d in dx.panel_diseases():
+        system = dx.dominant_system(d.database_id)
+        if system:
+            out.setdefault(system, []).append(d.database_id)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def workup_questions(display: str, pool: str) -> tuple[str, ...]:
+    ids = WORKUP[display][1]
+    out: list[str] = []
+    for sc in kb.SCENARIOS:
+        if sc.id in ids:
+            out += [q for q in split_pool(sc.q, pool, KB_EVERY) if q not in out]
+    return tuple(out)
+
+
+def _workup_example(rng: random.Random, display: str, pool: str) -> tuple[dict, str]:
+    from . import diagnosis as dx
+
+    system = WORKUP[display][0]
+    candidates = _diseases_by_system().get(system) or _diseases_by_system()["neuro"]
+    db = rng.choice(candidates)
+    terms = dx.hpo.load_terms()
+    case = dx.sample_case(db, rng, pool)
+    if display == kb.MRB and case.age >= 18:
+        case = dx.sample_case(db, rng, pool)
+    hits = [n for n, h in zip(case.features, case.feature_ids) if dx.in_system(terms[h].label.lower(), system)]
+    reasons, notes, name = dx.render_case(case, rng, pool)
+    q = rng.choice(QUESTION_FORMS[pool]).replace("{q}", rng.choice(workup_questions(display, pool)))
+    lead = join_list(hits[:2], rng) if hits else rng.choice(("syndromic features", "genetic syndrome workup"))
+    reason = surface(f"{lead}; {q}", rng, abbrev_p=0.2, typo_rate=0.01)
+    notes = [surface(x, rng, abbrev_p=0.15, typo_rate=0.01, caps_p=0.0) for x in notes + reasons]
+    r = rng.random()
+    code_text = display if r < 0.1 else (None if r < 0.17 else rng.choice(split_pool(kb.ORDER_NAMES[display], pool)))
+    sr = service_request(rng, code_text=code_text, reasons=[reason], notes=notes, imaging=True)
+    return sr, f"{pool}:workup-{name}"
+
+
+def generate(n: int, *, seed: int = 0, split: Split = "train") -> Dataset:
+    """``n`` labelled imaging orders (see module docstring)."""
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    rng = make_rng(TASK, seed, split)
+    pool = "test" if split == "test" else "train"
+    cands = candidates_by_label()
+    items: list[LabelledOrder] = []
+    for display, count in allocate(n, rng).items():
+        cs = cands[display]
+        weights = [c.weight for c in cs]
+        code = _code(display)
+        for _ in range(count):
+            if display in WORKUP and rng.random() < WORKUP_SHARE:
+                sr, group = _workup_example(rng, display, pool)
+            else:
+                cand = rng.choices(cs, weights=weights)[0]
+                sr, group = _render(rng, cand, pool)
+            items.append(LabelledOrder(sr, code, group))
+    rng.shuffle(items)
+    return Dataset(items, protocol_labels())
