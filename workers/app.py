@@ -7,7 +7,11 @@ acknowledged late so a worker that dies mid-order leaves the message for another
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+import sys
+from typing import Any
+
+from celery import Celery, signals
 
 from workers.settings import get_settings
 
@@ -34,3 +38,22 @@ app.conf.update(
     worker_hijack_root_logger=False,
     timezone="UTC",
 )
+
+
+@signals.worker_init.connect
+def verify_registry_before_forking(**_: Any) -> None:
+    """Refuse to start on a missing or corrupt model, before any pool process exists.
+
+    Celery logs and swallows exceptions from signal handlers, so this exits explicitly: a worker
+    that cannot load its models must not take orders off the queue.
+    """
+    from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
+
+    registry = ModelRegistry(get_settings().model_registry)
+    try:
+        for task in ("protocol", "diagnosis"):
+            registry.verify(task)
+    except (ModelIntegrityError, ModelNotFoundError) as exc:
+        logging.getLogger("workers").critical("refusing to start: %s", exc)
+        print(f"ehr-worker: refusing to start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None

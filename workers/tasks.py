@@ -64,13 +64,6 @@ def process_fhir_client() -> FhirClient:
     return build_fhir_client(get_settings())
 
 
-@signals.worker_init.connect
-def _verify_registry(**_: Any) -> None:
-    registry = ModelRegistry(get_settings().model_registry)
-    for task in ("protocol", "diagnosis"):
-        registry.verify(task)  # raises ModelIntegrityError / ModelNotFoundError with the fix
-
-
 @signals.worker_process_init.connect
 def _load_per_process(**_: Any) -> None:
     process_models()
