@@ -326,7 +326,7 @@ class EventConsumer:
             log.warning("producer flush failed (%s); unacknowledged outcomes are retried", type(exc).__name__)
 
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        n_durable = 0
+        durable_slots: list[_Slot] = []
         retry_at: dict[TopicPartition, int] = {}
         for tp, tp_slots in by_tp.items():
             durable = 0
@@ -337,15 +337,18 @@ class EventConsumer:
                     )
                     break
                 durable += 1
-                self._count_durable(slot)
+                durable_slots.append(slot)
             if durable:
                 offsets[tp] = OffsetAndMetadata(tp_slots[durable - 1].record.offset + 1, "", -1)
-                n_durable += durable
             if durable < len(tp_slots):
                 retry_at[tp] = tp_slots[durable].record.offset
                 self.stats.retried += len(tp_slots) - durable
 
-        self._commit(consumer, offsets, n_durable)
+        # A record counts as finished only once its offset is committed: after a refused commit
+        # (the group rebalanced during a slow batch) it comes back and is processed again.
+        if self._commit(consumer, offsets, len(durable_slots)):
+            for slot in durable_slots:
+                self._count_durable(slot)
         if retry_at:
             self._back_off(consumer, retry_at)
         else:
@@ -457,9 +460,9 @@ class EventConsumer:
 
     def _commit(
         self, consumer: KafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata], records: int
-    ) -> None:
+    ) -> bool:
         if not offsets:
-            return
+            return True
         try:
             consumer.commit(offsets)
         except CommitFailedError:
@@ -467,15 +470,16 @@ class EventConsumer:
             # last commit, and re-processing is harmless because the write-back is idempotent.
             self.stats.commit_failures += 1
             log.warning("commit refused after a rebalance; %d partitions go back to the group", len(offsets))
-            return
+            return False
         except KafkaError as exc:
             # A later commit covers these offsets; a crash before then only causes a harmless replay.
             self.stats.commit_failures += 1
             log.warning("commit failed (%s); continuing", type(exc).__name__)
-            return
+            return False
         for tp, om in offsets.items():
             log.debug("committed %s up to %d", _tp(tp), om.offset)
         self.stats.committed += records
+        return True
 
     def _back_off(self, consumer: KafkaConsumer, retry_at: dict[TopicPartition, int]) -> None:
         for tp, offset in retry_at.items():

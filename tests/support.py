@@ -68,36 +68,45 @@ def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int |
         consumer.close()
 
 
-def make_consumer(services, topics: Topics, **kw):
-    from connectors.kafka import EventConsumer, ensure_topics
+def settings_for(services, topics: Topics):
+    from workers.settings import Settings
 
-    ensure_topics(services.kafka_bootstrap, [topics.events, topics.dlq, topics.results])
-    return EventConsumer(
-        bootstrap=services.kafka_bootstrap,
-        topic=topics.events,
-        group=topics.group,
-        dlq_topic=topics.dlq,
-        result_topic=topics.results,
-        **kw,
+    return Settings(
+        kafka_bootstrap=services.kafka_bootstrap,
+        kafka_topic=topics.events,
+        kafka_group=topics.group,
+        kafka_dlq_topic=topics.dlq,
+        kafka_result_topic=topics.results,
+        fhir_base_url=services.fhir_base_url,
+        redis_url=services.redis_url,
     )
 
 
-def consume(services, topics: Topics, *, max_events: int, timeout_s: float = 120.0, idle_timeout_s: float = 30.0):
-    from workers.dispatch import CeleryDispatcher
+def make_consumer(services, topics: Topics):
+    from connectors.kafka import ensure_topics
+    from workers.dispatch import build_consumer
+
+    ensure_topics(services.kafka_bootstrap, [topics.events, topics.dlq, topics.results])
+    return build_consumer(settings_for(services, topics))
+
+
+def consume(services, topics: Topics, *, max_events: int, idle_timeout_s: float = 30.0):
+    from workers.dispatch import build_dispatcher
 
     consumer = make_consumer(services, topics)
-    return consumer.run(CeleryDispatcher(timeout_s=timeout_s), max_events=max_events, idle_timeout_s=idle_timeout_s)
+    return consumer.run(build_dispatcher(settings_for(services, topics)), max_events=max_events, idle_timeout_s=idle_timeout_s)
 
 
-def consume_in_thread(services, topics: Topics, *, max_events: int, timeout_s: float = 60.0):
-    from workers.dispatch import CeleryDispatcher
+def consume_in_thread(services, topics: Topics, *, max_events: int):
+    from workers.dispatch import build_dispatcher
 
     consumer = make_consumer(services, topics)
+    dispatcher = build_dispatcher(settings_for(services, topics))
     stop = threading.Event()
     box: dict = {}
 
     def run() -> None:
-        box["stats"] = consumer.run(CeleryDispatcher(timeout_s=timeout_s), stop=stop, max_events=max_events)
+        box["stats"] = consumer.run(dispatcher, stop=stop, max_events=max_events)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -182,7 +182,7 @@ def test_fhir_outage_leaves_the_offset_uncommitted_and_recovery_writes_once(serv
     services.sekmet.stop()
     try:
         publish(services.kafka_bootstrap, topics.events, [("during-outage-1", json.dumps(order).encode())])
-        thread, stop, box = consume_in_thread(services, topics, max_events=1, timeout_s=60)
+        thread, stop, box = consume_in_thread(services, topics, max_events=1)
         time.sleep(8)  # the worker is retrying against a dead server
         assert all(v in (None, 0) for v in committed_offsets(services.kafka_bootstrap, topics.events, topics.group).values())
         assert thread.is_alive()

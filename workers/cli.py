@@ -60,22 +60,14 @@ def consume(
 ) -> None:
     """Consume ServiceRequest events from Kafka and hand them to the Celery workers."""
     _setup_logging(verbose)
-    from connectors.kafka import EventConsumer, ensure_topics
-    from workers.dispatch import CeleryDispatcher
+    from connectors.kafka import ensure_topics
+    from workers.dispatch import build_consumer, build_dispatcher
     from workers.settings import get_settings
 
     s = get_settings()
     ensure_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic, s.kafka_result_topic])
-    consumer = EventConsumer(
-        bootstrap=s.kafka_bootstrap,
-        topic=s.kafka_topic,
-        group=s.kafka_group,
-        dlq_topic=s.kafka_dlq_topic,
-        result_topic=s.kafka_result_topic,
-        max_in_flight=s.max_in_flight,
-    )
-    stats = consumer.run(CeleryDispatcher(timeout_s=s.task_timeout_s), idle_timeout_s=idle_timeout, max_events=max_events)
-    typer.echo(json.dumps(stats.as_dict() if hasattr(stats, "as_dict") else vars(stats)))
+    stats = build_consumer(s).run(build_dispatcher(s), idle_timeout_s=idle_timeout, max_events=max_events)
+    typer.echo(json.dumps(stats.as_dict()))
 
 
 @app.command()

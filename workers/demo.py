@@ -25,7 +25,7 @@ from rich.table import Table
 
 from connectors.embedded import ensure_redis, start_sekmet, start_tansu
 from connectors.fhir import FhirClient, FhirPermanentError
-from connectors.kafka import EventConsumer, ensure_topics, make_producer
+from connectors.kafka import ensure_topics, make_producer
 from models.registry import ModelNotFoundError, ModelRegistry
 from schemas.events import EventRejected, parse_event, skip_reason
 from schemas.text import is_imaging_order
@@ -194,7 +194,7 @@ def _count_topic(bootstrap: str, topic: str) -> int:
 
 def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
     from workers.app import app
-    from workers.dispatch import CeleryDispatcher
+    from workers.dispatch import build_consumer, build_dispatcher
     from workers.local import start_worker
 
     settings = get_settings()
@@ -238,18 +238,11 @@ def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
         producer.close()
         console.print(f"[bold]Published {len(published)} events[/] to {settings.kafka_topic}; consuming…")
 
-        consumer = EventConsumer(
-            bootstrap=settings.kafka_bootstrap,
-            topic=settings.kafka_topic,
-            group=settings.kafka_group,
-            dlq_topic=settings.kafka_dlq_topic,
-            result_topic=settings.kafka_result_topic,
-            max_in_flight=settings.max_in_flight,
-        )
+        consumer = build_consumer(settings)
         started = time.monotonic()
-        stats = consumer.run(CeleryDispatcher(timeout_s=settings.task_timeout_s), max_events=len(published), idle_timeout_s=60)
+        stats = consumer.run(build_dispatcher(settings), max_events=len(published), idle_timeout_s=60)
         elapsed = time.monotonic() - started
-        console.print(f"consumed {len(published)} events in {elapsed:.1f}s: {stats}")
+        console.print(f"consumed {len(published)} events in {elapsed:.1f}s: {stats.as_dict()}")
 
         orders = []
         for _, raw in published:

@@ -16,8 +16,9 @@ from typing import Any
 
 from celery.result import AsyncResult
 
-from connectors.kafka import EventOutcome, Incoming
+from connectors.kafka import EventConsumer, EventOutcome, Incoming
 from schemas.events import OrderItem
+from workers.settings import Settings
 from workers.tasks import suggest
 
 log = logging.getLogger(__name__)
@@ -69,3 +70,24 @@ class CeleryDispatcher:
             if out.status != "done":
                 log.warning("event %s[%d]@%d: %s (%s)", inc.topic, inc.partition, inc.offset, out.status, out.reason_code)
         return outcomes
+
+
+def build_dispatcher(settings: Settings) -> CeleryDispatcher:
+    """A dispatcher that never outwaits the consumer's group membership (see Settings)."""
+    return CeleryDispatcher(timeout_s=min(settings.task_timeout_s, 0.8 * settings.kafka_max_poll_interval_ms / 1000))
+
+
+def build_consumer(settings: Settings, **overrides: object) -> EventConsumer:
+    """The event consumer as configured by ``EHRW_*``; ``overrides`` replace single arguments (tests)."""
+    kwargs: dict[str, object] = {
+        "bootstrap": settings.kafka_bootstrap,
+        "topic": settings.kafka_topic,
+        "group": settings.kafka_group,
+        "dlq_topic": settings.kafka_dlq_topic,
+        "result_topic": settings.kafka_result_topic,
+        "max_in_flight": settings.max_in_flight,
+        "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
+    }
+    kwargs.update(overrides)
+    return EventConsumer(**kwargs)  # type: ignore[arg-type]

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     kafka_result_topic: str = "ehr-worker.suggestions"
     # Events in flight at once: the consumer fetches nothing more until these are durable.
     max_in_flight: int = Field(default=32, ge=1, le=10_000)
+    # A batch slower than this gets the consumer evicted from its group, so the dispatcher stops
+    # waiting at 80 % of it and retries the batch. Tansu makes the first group join wait this long,
+    # hence the modest default; on Apache Kafka raise it above the task timeout (e.g. 300000).
+    kafka_max_poll_interval_ms: int = Field(default=10_000, ge=1_000)
+    kafka_session_timeout_ms: int = Field(default=6_000, ge=1_000)
 
     # Celery broker and result backend
     redis_url: str = "redis://127.0.0.1:6379/0"
