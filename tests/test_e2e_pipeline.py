@@ -12,6 +12,7 @@ import time
 import pytest
 
 from connectors.fhir import FhirClient
+from connectors.replay import event_key
 from schemas.events import EventRejected, parse_event, skip_reason
 from schemas.text import is_imaging_order
 from schemas.validation import r4_schema_errors
@@ -22,14 +23,6 @@ pytestmark = pytest.mark.services
 
 AIAST = ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "AIAST")
 WRITTEN_TYPES = ("Task", "RiskAssessment", "Provenance", "Device")
-
-
-def _key(raw: bytes) -> str | None:
-    try:
-        value = json.loads(raw)
-        return value.get("id") if isinstance(value, dict) else None
-    except ValueError:
-        return None
 
 
 def _actionable_orders(published: list[tuple[str, bytes]]) -> list[dict]:
@@ -53,7 +46,7 @@ def first_run(services, celery_worker):
     patients, events = fixture_events()
     published = seed_fhir(fhir, patients, events)
     topics = Topics.fresh("e2e")
-    publish(services.kafka_bootstrap, topics.events, [(_key(raw), raw) for _, raw in published])
+    publish(services.kafka_bootstrap, topics.events, [(event_key(raw), raw) for _, raw in published])
     stats = consume(services, topics, max_events=len(published))
     return {"fhir": fhir, "published": published, "topics": topics, "stats": stats}
 
@@ -118,7 +111,7 @@ def test_replaying_the_same_fixtures_creates_no_duplicates(first_run, services):
     before = _totals(fhir)
     topics = Topics.fresh("replay")
     published = first_run["published"]
-    publish(services.kafka_bootstrap, topics.events, [(_key(raw), raw) for _, raw in published])
+    publish(services.kafka_bootstrap, topics.events, [(event_key(raw), raw) for _, raw in published])
     consume(services, topics, max_events=len(published))
     assert _totals(fhir) == before
     results = [r.json() for r in read_topic(services.kafka_bootstrap, topics.results)]

@@ -26,6 +26,7 @@ from rich.table import Table
 from connectors.embedded import ensure_redis, start_sekmet, start_tansu
 from connectors.fhir import FhirClient, FhirPermanentError
 from connectors.kafka import ensure_topics, make_producer
+from connectors.replay import event_key
 from models.registry import ModelNotFoundError, ModelRegistry
 from schemas.events import EventRejected, parse_event, skip_reason
 from schemas.text import is_imaging_order
@@ -228,12 +229,9 @@ def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
         stack.callback(worker.stop)
 
         producer = make_producer(settings.kafka_bootstrap)
-        for name, raw in published:
-            try:
-                key = json.loads(raw).get("id")
-            except (ValueError, AttributeError):
-                key = None
-            producer.send(settings.kafka_topic, key=key.encode() if isinstance(key, str) else None, value=raw)
+        for _, raw in published:
+            key = event_key(raw)
+            producer.send(settings.kafka_topic, key=key.encode() if key else None, value=raw)
         producer.flush()
         producer.close()
         console.print(f"[bold]Published {len(published)} events[/] to {settings.kafka_topic}; consuming…")
