@@ -1,4 +1,4 @@
-"""``ehr-worker``: the command-line tool (consume, replay, predict, demo, models)."""
+"""``ehr-worker``: the command-line tool (consume, replay, predict, demo, bench, models)."""
 
 from __future__ import annotations
 
@@ -133,6 +133,34 @@ def demo(
 
     ok = run_demo(keep_running=keep_running, profile=profile)
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def bench(
+    orders: Annotated[int, typer.Option("--orders", min=1, help="Orders end to end (pipeline, baseline, FHIR).")] = 200,
+    latency_orders: Annotated[int, typer.Option("--latency-orders", min=1, help="Orders timed one by one.")] = 300,
+    registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", metavar="OUT", help="Write every figure as JSON.")] = None,
+    source: Annotated[str, typer.Option(help="fixtures (bundled demo orders) or generated.")] = "fixtures",
+) -> None:
+    """Measure ehr-worker against a naive PyTorch baseline (inference, end to end, size, memory); prints figures."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from models.registry import ModelIntegrityError, ModelNotFoundError
+    from workers.bench import run_bench
+    from workers.settings import get_settings
+
+    if source not in ("fixtures", "generated"):
+        _fail("--source must be fixtures or generated")
+    try:
+        run_bench(
+            orders=orders,
+            latency_orders=latency_orders,
+            registry=registry or get_settings().model_registry,
+            json_out=json_out,
+            source=source,
+        )
+    except (ModelIntegrityError, ModelNotFoundError) as exc:
+        _fail(str(exc))
 
 
 @models_app.command("build")
