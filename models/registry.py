@@ -1,0 +1,409 @@
+"""The model registry: one folder per task and version, a manifest with checksums, a CURRENT pointer.
+
+Layout (docs/architecture.md)::
+
+    {root}/{task}/{version}/model.onnx       int8 ONNX classifier (input_ids, attention_mask -> logits)
+    {root}/{task}/{version}/tokenizer.json   Hugging Face `tokenizers` file, used as-is at serving time
+    {root}/{task}/{version}/MODEL_CARD.md
+    {root}/{task}/{version}/manifest.json    labels, calibration, metrics, sha256 of every other file
+    {root}/{task}/CURRENT                    the current version string
+
+A version folder is immutable once published: ``publish`` copies into a hidden temporary folder
+next to the target and renames it into place, and ``CURRENT`` is replaced atomically, so a worker
+never sees half a model. ``verify`` recomputes every checksum; any missing, extra or changed file is
+a :class:`ModelIntegrityError` that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from schemas.labels import Label
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE)
+
+REBUILD_HINT = "rebuild with `ehr-worker models build` (or `python -m training build`)"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ModelError(Exception):
+    """Base class of the registry and runtime errors."""
+
+
+class ModelNotFoundError(ModelError, LookupError):
+    """No registry, no such task, no such version, or no CURRENT version."""
+
+
+class ModelIntegrityError(ModelError):
+    """A model folder does not match its manifest (missing, extra or changed file) or is unusable."""
+
+
+def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value) or value in (".", ".."):
+        raise ValueError(f"{kind} {value!r} is not a valid name (letters, digits, '.', '_', '+', '-')")
+    return value
+
+
+class LabelSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    system: str = Field(min_length=1)
+    code: str = Field(min_length=1)
+    display: str
+
+    def to_label(self) -> "Label":
+        from schemas.labels import Label
+
+        return Label(self.system, self.code, self.display)
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    abstain_below: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+
+
+class Manifest(BaseModel):
+    """``manifest.json`` of one model version. Unknown keys are kept (``extra="allow"``), so an
+    older reader keeps working on a newer manifest of the same ``format_version``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task: str
+    name: str
+    version: str
+    base_model: str
+    labels: list[LabelSpec] = Field(min_length=2)
+    max_length: int = Field(gt=2, le=8192)
+    calibration: Calibration = Field(default_factory=Calibration)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str]
+    training_data_sha256: str
+    created: datetime
+    format_version: int = FORMAT_VERSION
+    model_card_url: str | None = None
+
+    @field_validator("task", "version")
+    @classmethod
+    def _valid_name(cls, value: str, info) -> str:
+        return _check_name(info.field_name, value)
+
+    @field_validator("files")
+    @classmethod
+    def _valid_files(cls, files: dict[str, str]) -> dict[str, str]:
+        for name, digest in files.items():
+            parts = Path(name).parts
+            if not parts or Path(name).is_absolute() or ".." in parts or name == MANIFEST or "\\" in name:
+                raise ValueError(f"file name {name!r} is not a plain relative path inside the version folder")
+            if not _SHA256.match(digest):
+                raise ValueError(f"sha256 of {name} is not 64 lowercase hex digits")
+        missing = [f for f in REQUIRED_FILES if f not in files]
+        if missing:
+            raise ValueError(f"files must list {', '.join(missing)}")
+        return files
+
+    @field_validator("created")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    @field_serializer("created")
+    def _ser_created(self, value: datetime) -> str:
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Manifest":
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {self.format_version} is newer than this ehr-worker understands "
+                f"({FORMAT_VERSION}); upgrade ehr-worker"
+            )
+        keys = [(label.system, label.code) for label in self.labels]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"label {dup[0]}|{dup[1]} is listed twice")
+        return self
+
+    # -- convenience -------------------------------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def label_objects(self) -> list["Label"]:
+        return [label.to_label() for label in self.labels]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Manifest":
+        """Parse ``manifest.json``; an unreadable or invalid manifest is a :class:`ModelIntegrityError`."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelIntegrityError(f"{path}: manifest.json is missing; {REBUILD_HINT}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelIntegrityError(f"{path}: manifest.json is not valid JSON ({exc}); {REBUILD_HINT}") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}" for err in exc.errors()[:5]
+            )
+            raise ModelIntegrityError(f"{path}: manifest.json is invalid ({problems}); {REBUILD_HINT}") from None
+
+
+def list_files(version_dir: Path) -> list[str]:
+    """Every file below ``version_dir`` except the manifest, as sorted POSIX relative paths."""
+    out = []
+    for path in version_dir.rglob("*"):
+        if path.is_file() or path.is_symlink():
+            rel = path.relative_to(version_dir).as_posix()
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def checksum_files(version_dir: str | Path) -> dict[str, str]:
+    """``{relative name: sha256}`` of every file in a version folder, for writing a manifest."""
+    version_dir = Path(version_dir)
+    return {name: sha256_file(version_dir / name) for name in list_files(version_dir)}
+
+
+def verify_version_dir(version_dir: str | Path, *, task: str | None = None, version: str | None = None) -> Manifest:
+    """Check a version folder against its manifest and return the manifest.
+
+    Raises :class:`ModelIntegrityError` naming the first offending file: a listed file that is
+    missing, a file whose sha256 differs, or a file on disk that the manifest does not list.
+    """
+    version_dir = Path(version_dir)
+    if not version_dir.is_dir():
+        raise ModelNotFoundError(f"model folder {version_dir} does not exist; {REBUILD_HINT}")
+    manifest = Manifest.read(version_dir / MANIFEST)
+    where = f"{manifest.task} model {manifest.version} ({version_dir})"
+    if task is not None and manifest.task != task:
+        raise ModelIntegrityError(f"{where}: manifest.json says task {manifest.task!r}, expected {task!r}; {REBUILD_HINT}")
+    if version is not None and manifest.version != version:
+        raise ModelIntegrityError(
+            f"{where}: manifest.json says version {manifest.version!r} but the folder is {version!r}; {REBUILD_HINT}"
+        )
+    for name, expected in sorted(manifest.files.items()):
+        path = version_dir / name
+        if path.is_symlink() or not path.is_file():
+            raise ModelIntegrityError(f"{where}: {name} is missing; {REBUILD_HINT}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelIntegrityError(
+                f"{where}: {name} is corrupt (sha256 {actual[:12]}... does not match the manifest's "
+                f"{expected[:12]}...); {REBUILD_HINT}"
+            )
+    extra = [name for name in list_files(version_dir) if name not in manifest.files]
+    if extra:
+        raise ModelIntegrityError(
+            f"{where}: {extra[0]} is not listed in manifest.json (unexpected file"
+            f"{'s: ' + ', '.join(extra) if len(extra) > 1 else ''}); remove it or {REBUILD_HINT}"
+        )
+    return manifest
+
+
+def _natural_key(version: str) -> tuple:
+    return tuple((0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", version) if tok)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+class ModelRegistry:
+    """A registry folder: ``{root}/{task}/{version}/`` plus ``{root}/{task}/CURRENT``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def __repr__(self) -> str:
+        return f"ModelRegistry({str(self.root)!r})"
+
+    # -- discovery ---------------------------------------------------------------------------
+    def tasks(self) -> list[str]:
+        """Tasks that have at least one version folder or a CURRENT file."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and ((p / CURRENT).is_file() or self._version_dirs(p))
+        )
+
+    @staticmethod
+    def _version_dirs(task_dir: Path) -> list[Path]:
+        if not task_dir.is_dir():
+            return []
+        return [p for p in task_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists()]
+
+    def versions(self, task: str) -> list[str]:
+        """Published versions of ``task``, oldest first (natural sort of the version strings)."""
+        _check_name("task", task)
+        return sorted((p.name for p in self._version_dirs(self.root / task)), key=_natural_key)
+
+    def current_version(self, task: str) -> str:
+        _check_name("task", task)
+        task_dir = self.root / task
+        pointer = task_dir / CURRENT
+        if not pointer.is_file():
+            raise ModelNotFoundError(self._not_found(task))
+        version = pointer.read_text(encoding="utf-8").strip()
+        try:
+            _check_name("version", version)
+        except ValueError:
+            raise ModelIntegrityError(f"{pointer} does not hold a valid version string; {REBUILD_HINT}") from None
+        if not (task_dir / version).is_dir():
+            raise ModelNotFoundError(
+                f"{pointer} names version {version!r}, but {task_dir / version} does not exist; {REBUILD_HINT}"
+            )
+        return version
+
+    def _not_found(self, task: str) -> str:
+        if not self.root.is_dir():
+            return f"model registry {self.root} does not exist; {REBUILD_HINT} or set EHRW_MODEL_REGISTRY"
+        versions = self.versions(task)
+        if not versions:
+            known = ", ".join(self.tasks()) or "none"
+            return f"no {task!r} model in registry {self.root} (tasks there: {known}); {REBUILD_HINT}"
+        return (
+            f"registry {self.root} has {task!r} versions ({', '.join(versions)}) but no {task}/CURRENT; "
+            f"make one current with ModelRegistry.set_current() or {REBUILD_HINT}"
+        )
+
+    def version_dir(self, task: str, version: str | None = None) -> Path:
+        if version is None:
+            version = self.current_version(task)
+        _check_name("task", task)
+        _check_name("version", version)
+        path = self.root / task / version
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"no {task!r} version {version!r} in registry {self.root} "
+                f"(versions: {', '.join(self.versions(task)) or 'none'}); {REBUILD_HINT}"
+            )
+        return path
+
+    def current_dir(self, task: str) -> Path:
+        return self.version_dir(task)
+
+    def load_manifest(self, task: str, version: str | None = None) -> Manifest:
+        """The manifest (parsed and validated, checksums not recomputed; see :meth:`verify`)."""
+        return Manifest.read(self.version_dir(task, version) / MANIFEST)
+
+    def verify(self, task: str, version: str | None = None) -> Manifest:
+        """Recompute every checksum of a version (default: the current one); raise
+        :class:`ModelIntegrityError` naming the file on any mismatch."""
+        path = self.version_dir(task, version)
+        return verify_version_dir(path, task=task, version=path.name)
+
+    # -- writing -----------------------------------------------------------------------------
+    def publish(
+        self, task: str, version: str, src_dir: str | Path, make_current: bool = True, *, overwrite: bool = False
+    ) -> Path:
+        """Copy a complete, verified version folder into ``{root}/{task}/{version}`` atomically.
+
+        ``src_dir`` must hold a ``manifest.json`` whose task and version match and whose checksums
+        hold. The copy goes to a hidden temporary folder in the task folder, is verified again, and
+        is renamed into place; then ``CURRENT`` is replaced atomically (``make_current``).
+        Published versions are immutable: an existing version is refused unless ``overwrite``.
+        """
+        _check_name("task", task)
+        _check_name("version", version)
+        src_dir = Path(src_dir)
+        manifest = verify_version_dir(src_dir, task=task, version=version)
+        task_dir = self.root / task
+        task_dir.mkdir(parents=True, exist_ok=True)
+        dest = task_dir / version
+        if dest.exists() and not overwrite:
+            raise FileExistsError(f"{task} version {version} is already published at {dest}; versions are immutable")
+        tmp = task_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copytree(src_dir, tmp, symlinks=False)
+            verify_version_dir(tmp, task=task, version=version)
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    with open(path, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if dest.exists():  # overwrite: move the old one aside first, then drop it
+                old = task_dir / f".old-{version}-{uuid.uuid4().hex[:8]}"
+                os.rename(dest, old)
+                os.rename(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dest)
+            _fsync_dir(task_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if make_current:
+            self.set_current(task, manifest.version)
+        return dest
+
+    def set_current(self, task: str, version: str) -> None:
+        """Point ``{task}/CURRENT`` at an existing, intact version (atomic replace)."""
+        path = self.version_dir(task, version)
+        verify_version_dir(path, task=task, version=version)
+        _write_atomic(self.root / task / CURRENT, version + "\n")
+
+    def verify_all(self) -> dict[str, Manifest]:
+        """Verify the current version of every task; ``{task: manifest}``."""
+        tasks = self.tasks()
+        if not tasks:
+            raise ModelNotFoundError(
+                f"model registry {self.root} {'is empty' if self.root.is_dir() else 'does not exist'}; {REBUILD_HINT}"
+            )
+        return {task: self.verify(task) for task in tasks}

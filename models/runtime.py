@@ -1,0 +1,260 @@
+"""ONNX Runtime inference for the registry's text classifiers (no torch, ever).
+
+A model folder holds an ONNX graph that maps ``input_ids`` and ``attention_mask`` (int64,
+``[batch, sequence]``, both axes dynamic) to ``logits`` (``[batch, num_labels]``), and the
+``tokenizer.json`` it was trained with. Texts are tokenized one by one (truncated to the
+manifest's ``max_length``), sorted by length and padded only to the longest text of each batch,
+so a batch of short orders costs what short orders cost.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from models.registry import (
+    MANIFEST,
+    MODEL_FILE,
+    REBUILD_HINT,
+    TOKENIZER_FILE,
+    Manifest,
+    ModelIntegrityError,
+    ModelRegistry,
+    verify_version_dir,
+)
+
+KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def session_options(threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads <= 1:
+        # No spinning worker threads: a Celery worker process should not burn a core while idle.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+class OnnxTextEncoder:
+    """Tokenizer + ONNX Runtime session: texts -> raw logits. Shared by the runtime and training's
+    evaluation, so that what is evaluated is exactly what is served."""
+
+    def __init__(self, model_path: str | Path, tokenizer_path: str | Path, max_length: int, *, threads: int = 1):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.model_path = Path(model_path)
+        self.max_length = int(max_length)
+        self.threads = max(1, int(threads))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # the tokenizers error types are not public
+            raise ModelIntegrityError(f"{tokenizer_path}: cannot load the tokenizer ({exc}); {REBUILD_HINT}") from None
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        pad = self.tokenizer.token_to_id("[PAD]")
+        if pad is None:
+            pad = self.tokenizer.token_to_id("<pad>")
+        self.pad_id = int(pad or 0)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.model_path), session_options(self.threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelIntegrityError(f"{self.model_path}: ONNX Runtime cannot load the model ({exc}); {REBUILD_HINT}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        unknown = [n for n in self.input_names if n not in KNOWN_INPUTS]
+        if unknown or "input_ids" not in self.input_names:
+            raise ModelIntegrityError(
+                f"{self.model_path}: unexpected model inputs {self.input_names} (expected input_ids, attention_mask"
+                f"[, token_type_ids]); {REBUILD_HINT}"
+            )
+        outputs = self.session.get_outputs()
+        self.output_name = outputs[0].name
+        shape = outputs[0].shape
+        self.num_outputs: int | None = shape[-1] if len(shape) == 2 and isinstance(shape[-1], int) else None
+        if self.num_outputs is None:
+            self.num_outputs = int(self.logits(["x"]).shape[-1])
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(t if isinstance(t, str) else str(t)).ids for t in texts]
+
+    def _feed(self, ids: list[list[int]]) -> dict[str, np.ndarray]:
+        width = max(len(x) for x in ids)
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        feed = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feed["token_type_ids"] = np.zeros_like(input_ids)
+        return {k: v for k, v in feed.items() if k in self.input_names}
+
+    def logits_from_ids(self, ids: list[list[int]], batch_size: int = 32) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, self.num_outputs or 0), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.empty((len(ids), self.num_outputs or 0), dtype=np.float32) if self.num_outputs else None
+        for start in range(0, len(order), max(1, batch_size)):
+            chunk = order[start : start + batch_size]
+            logits = self.session.run([self.output_name], self._feed([ids[i] for i in chunk]))[0]
+            if out is None:
+                out = np.empty((len(ids), logits.shape[-1]), dtype=np.float32)
+            out[chunk] = logits
+        return out
+
+    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return self.logits_from_ids(self.encode(list(texts)), batch_size=batch_size)
+
+    def latency_ms(self, texts: Sequence[str], *, repeats: int = 1, warmup: int = 5) -> np.ndarray:
+        """Per-text wall time in ms of tokenize + one-order session run (batch of one)."""
+        texts = list(texts)
+        for t in texts[:warmup]:
+            self.logits([t], batch_size=1)
+        times = []
+        for _ in range(repeats):
+            for t in texts:
+                t0 = time.perf_counter()
+                self.logits([t], batch_size=1)
+                times.append((time.perf_counter() - t0) * 1e3)
+        return np.asarray(times)
+
+
+class TextClassifier:
+    """A registry model ready to predict: ``TextClassifier.load(version_dir).predict(texts)``."""
+
+    def __init__(self, manifest: Manifest, encoder: OnnxTextEncoder, version_dir: Path):
+        self.manifest = manifest
+        self.encoder = encoder
+        self.version_dir = version_dir
+        self.labels = manifest.label_objects()
+        if encoder.num_outputs != len(self.labels):
+            raise ModelIntegrityError(
+                f"{version_dir}: the model has {encoder.num_outputs} outputs but manifest.json lists "
+                f"{len(self.labels)} labels; {REBUILD_HINT}"
+            )
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, version_dir: str | Path, *, threads: int = 1, verify: bool = True) -> "TextClassifier":
+        """Load one version folder. Checksums are verified first (``verify=False`` skips only the
+        sha256 recomputation, never the manifest validation); a corrupt or inconsistent model
+        raises :class:`ModelIntegrityError` naming the problem."""
+        version_dir = Path(version_dir)
+        manifest = verify_version_dir(version_dir) if verify else Manifest.read(version_dir / MANIFEST)
+        encoder = OnnxTextEncoder(
+            version_dir / MODEL_FILE, version_dir / TOKENIZER_FILE, manifest.max_length, threads=threads
+        )
+        return cls(manifest, encoder, version_dir)
+
+    @classmethod
+    def load_current(cls, registry: str | Path | ModelRegistry, task: str, *, threads: int = 1) -> "TextClassifier":
+        reg = registry if isinstance(registry, ModelRegistry) else ModelRegistry(registry)
+        return cls.load(reg.current_dir(task), threads=threads)
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def temperature(self) -> float:
+        return self.manifest.calibration.temperature
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.calibration.abstain_below
+
+    @property
+    def model_card_url(self) -> str | None:
+        return self.manifest.model_card_url
+
+    @property
+    def model_card_path(self) -> Path:
+        return self.version_dir / "MODEL_CARD.md"
+
+    def __repr__(self) -> str:
+        return f"TextClassifier({self.name} {self.version}, {len(self.labels)} labels, threads={self.encoder.threads})"
+
+    # -- inference ---------------------------------------------------------------------------
+    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return self.encoder.logits(texts, batch_size=batch_size)
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Calibrated (temperature-scaled) class probabilities, ``[len(texts), num_labels]``."""
+        return softmax(self.logits(texts, batch_size=batch_size), self.temperature)
+
+    def outputs_from_proba(self, proba: np.ndarray, top_k: int = 5) -> list:
+        from schemas.labels import ModelOutput, Prediction
+
+        k = max(1, min(int(top_k), proba.shape[-1]))
+        threshold = self.threshold
+        results = []
+        for row in proba:
+            top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
+            top = top[np.argsort(-row[top], kind="stable")]
+            preds = [
+                Prediction(
+                    self.labels[i].system,
+                    self.labels[i].code,
+                    self.labels[i].display,
+                    min(1.0, max(0.0, round(float(row[i]), 6))),
+                )
+                for i in top
+            ]
+            results.append(
+                ModelOutput(
+                    task=self.task,
+                    model=self.name,
+                    model_version=self.version,
+                    abstained=bool(row[top[0]] < threshold),
+                    predictions=preds,
+                    threshold=threshold,
+                    model_card_url=self.model_card_url,
+                )
+            )
+        return results
+
+    def predict(self, texts: Sequence[str], top_k: int = 5, batch_size: int = 32) -> list:
+        """One :class:`schemas.labels.ModelOutput` per text, in input order: the top-k labels by
+        calibrated probability, ``abstained`` when the top-1 probability is below the manifest's
+        ``calibration.abstain_below``."""
+        texts = list(texts)
+        if not texts:
+            return []
+        return self.outputs_from_proba(self.predict_proba(texts, batch_size=batch_size), top_k=top_k)
+
+
+def default_threads() -> int:
+    """``EHRW_MODEL_THREADS`` or 1 (one thread per worker process; scale out with processes)."""
+    try:
+        return max(1, int(os.environ.get("EHRW_MODEL_THREADS", "1")))
+    except ValueError:
+        return 1

@@ -1,0 +1,185 @@
+"""``MODEL_CARD.md`` for a registry version (Mitchell et al. 2019 sections, plus the fields that
+HL7 "AI Transparency on FHIR" surfaces on the written resources)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TASKS = {
+    "protocol": {
+        "title": "Imaging protocol suggestion",
+        "purpose": (
+            "Suggests which of the imaging protocols of the project's protocol CodeSystem should be performed "
+            "for an imaging ServiceRequest (e.g. *CT abdomen and pelvis with contrast*), from the order's code "
+            "text, reasons and notes. The suggestion is written back as a FHIR `Task` (intent `proposal`) that "
+            "a radiologist or technologist accepts or overrides."
+        ),
+        "users": "Radiologists, radiology technologists and protocolling staff, inside their EHR/RIS worklist.",
+        "out_of_scope": [
+            "Deciding whether imaging is indicated at all, or replacing appropriateness review (ACR criteria).",
+            "Orders that are not imaging orders (the worker does not run the model on them).",
+            "Contrast safety decisions: allergy, renal function, pregnancy and implant screening stay with the clinician.",
+            "Any protocol outside the label list below; site-specific protocol variants.",
+        ],
+        "data": (
+            "Synthetic imaging orders generated from a knowledge table written for this project (indications, "
+            "history and patient factors mapped to the appropriate protocol, in the spirit of the ACR "
+            "Appropriateness Criteria), with varied phrasing, abbreviations, typos and an imbalanced class mix "
+            "like real order volumes. Validation and test splits use held-out phrasing templates."
+        ),
+    },
+    "diagnosis": {
+        "title": "Rare-disease differential suggestion",
+        "purpose": (
+            "Ranks rare diseases (OMIM / ORPHA identifiers from the Human Phenotype Ontology annotations) "
+            "whose phenotype profile is consistent with the clinical text of an order. Suggestions are written "
+            "back as a preliminary FHIR `RiskAssessment` for a clinician to review; below the calibrated "
+            "threshold nothing is written."
+        ),
+        "users": "Clinicians and clinical geneticists, as a prompt to consider a rare disease in the differential.",
+        "out_of_scope": [
+            "Diagnosis. The output is a ranked hint, not a diagnosis, and never a substitute for genetic testing.",
+            "Common diseases: the label space holds rare diseases only, so a common condition is always misranked.",
+            "Diseases outside the panel listed in manifest.json.",
+            "Screening of populations or use without clinician review.",
+        ],
+        "data": (
+            "Synthetic case descriptions generated from the HPO disease annotations (phenotype.hpoa, release "
+            "2023-01-27; term labels and synonyms from the HPO term table): features sampled by their annotated frequency, "
+            "negated findings, onset and inheritance hints, and noise findings. HPO is (c) The Jackson "
+            "Laboratory, used under its licence (https://hpo.jax.org/app/license)."
+        ),
+    },
+}
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_model_card(manifest: dict, *, profile: str = "default") -> str:
+    task = manifest["task"]
+    info = TASKS.get(task, {"title": task, "purpose": "", "users": "", "out_of_scope": [], "data": ""})
+    m = manifest.get("metrics", {})
+    test = m.get("test", {})
+    fp32, int8 = test.get("fp32", {}), test.get("int8", {})
+    size = m.get("size", {})
+    lat = m.get("latency_int8", {})
+    cal = manifest.get("calibration", {})
+    train = manifest.get("training", {})
+    labels = manifest.get("labels", [])
+    calset = m.get("calibration", {}).get("set", "validation set")
+    lines = [
+        f"# Model card: {manifest['name']} {manifest['version']}",
+        "",
+        f"**{info['title']}** — task `{task}`, {len(labels)} labels, built {manifest.get('created', '')} "
+        f"with the `{profile}` profile of `python -m training build`.",
+        "",
+        "## Intended use",
+        "",
+        info["purpose"],
+        "",
+        f"Intended users: {info['users']}",
+        "",
+        "Every suggestion is decision support for a qualified person, shown with its calibrated probability and "
+        "alternatives. The worker never changes the clinician's order.",
+        "",
+        "Out of scope:",
+        "",
+        *[f"- {item}" for item in info["out_of_scope"]],
+        "",
+        "## Model",
+        "",
+        f"- Base model: `{manifest.get('base_model', '')}`; encoder layers kept: {train.get('layers', 'all')}; "
+        "masked mean pooling; one linear layer.",
+        f"- Input: the text built by `schemas.text.build_model_input` from the ServiceRequest, truncated to "
+        f"{manifest.get('max_length')} tokens.",
+        "- Format: ONNX, dynamic int8 weight quantization (MatMul/Gemm), embedding tables "
+        f"{train.get('embeddings_quantization', 'int8')}; runs on ONNX Runtime CPU without PyTorch.",
+        f"- Training: {train.get('steps', '?')} steps, batch {train.get('batch_size', '?')}, AdamW lr "
+        f"{train.get('lr', '?')} (head {train.get('head_lr', '?')}), warmup + cosine, early stopping on "
+        f"validation macro-F1 (best {_fmt(train.get('best_val_macro_f1', float('nan')))}), seed {train.get('seed', '?')}, "
+        f"{_fmt(train.get('seconds', 0.0), 0)} s on CPU.",
+        "",
+        "## Training data",
+        "",
+        info["data"],
+        "",
+        f"- Examples: train {train.get('n_train', '?')}, validation {train.get('n_val', '?')}, "
+        f"test {train.get('n_test', '?')} (held-out phrasing groups).",
+        f"- Training-data sha256: `{manifest.get('training_data_sha256', '')}`",
+        "- No patient data was used. All examples are synthetic.",
+        "",
+        "## Evaluation (held-out synthetic test set)",
+        "",
+        "| metric | fp32 | int8 (served) |",
+        "|---|---|---|",
+    ]
+    for key, name in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("top3_accuracy", "top-3 accuracy"),
+                      ("top5_accuracy", "top-5 accuracy"), ("ece", "ECE (calibrated)")):
+        lines.append(f"| {name} | {_fmt(fp32.get(key, float('nan')))} | {_fmt(int8.get(key, float('nan')))} |")
+    sel = int8.get("selective", {})
+    agreement = test.get("int8_vs_fp32_top1_agreement", float("nan"))
+    lines += [
+        "",
+        f"- int8 vs fp32 top-1 agreement on the test set: {_fmt(agreement)}",
+        f"- Model size: fp32 {size.get('fp32_bytes', 0) / 1e6:.1f} MB, int8 {size.get('int8_bytes', 0) / 1e6:.1f} MB "
+        f"({_fmt(size.get('int8_over_fp32', float('nan')), 3)} of fp32)",
+        f"- Latency, one order, one thread (tokenize + run): p50 {_fmt(lat.get('p50_ms', float('nan')), 2)} ms, "
+        f"p95 {_fmt(lat.get('p95_ms', float('nan')), 2)} ms at a median of {lat.get('tokens_p50', '?')} tokens",
+        "",
+        "## Calibration and abstention",
+        "",
+        f"Probabilities are `softmax(logits / T)` with T = {cal.get('temperature')} fitted (negative "
+        f"log-likelihood) on the {calset} of the int8 model. The model abstains when its top probability is below "
+        f"{cal.get('abstain_below')}, chosen there for a precision of {cal.get('target_precision', '?')} "
+        f"(reached: {m.get('calibration', {}).get('target_reached', '?')}, coverage "
+        f"{_fmt(m.get('calibration', {}).get('coverage', float('nan')), 3)}); on the test set it then answers "
+        f"{_fmt(sel.get('coverage', float('nan')), 3)} of inputs with precision "
+        f"{_fmt(sel.get('precision', float('nan')), 3)}.",
+        "",
+        "## Limitations and risks",
+        "",
+        "- Trained and evaluated on synthetic text only: the figures above measure fit to the generator, not "
+        "accuracy on a hospital's real orders. Validate on local, labelled orders before clinical use, and "
+        "retrain on them (`python -m training ...`).",
+        "- Real notes contain abbreviations, copy-paste, negations and comorbidities beyond the generator's "
+        "variety; expect lower accuracy and more abstentions.",
+        "- Calibration holds for data like the validation set; under distribution shift the probabilities are "
+        "optimistic. Monitor the accept/override rate of the written suggestions.",
+        "- English only; the input is truncated to the token limit above.",
+        "- Automation bias: present suggestions as suggestions, with their alternatives.",
+        "",
+        "## AI Transparency on FHIR",
+        "",
+        "Every resource the worker writes from this model carries:",
+        "",
+        "- `meta.security` = `http://terminology.hl7.org/CodeSystem/v3-ObservationValue#AIAST` (AI asserted);",
+        f"- a `Provenance` whose `agent.who` is a `Device` for this model: `deviceName` = `{manifest['name']}`, "
+        f"`version` = `{manifest['version']}`, a link to this card"
+        + (f" ({manifest['model_card_url']})" if manifest.get("model_card_url") else "")
+        + ";",
+        "- the calibrated probability of each suggestion and its alternatives.",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| model name | {manifest['name']} |",
+        f"| model version | {manifest['version']} |",
+        f"| task | {task} |",
+        f"| base model | {manifest.get('base_model', '')} |",
+        f"| training data | synthetic ({'HPO annotations' if task == 'diagnosis' else 'project protocol knowledge table'}) |",
+        f"| training-data sha256 | {manifest.get('training_data_sha256', '')[:16]}... |",
+        f"| created | {manifest.get('created', '')} |",
+        f"| abstention threshold | {cal.get('abstain_below')} |",
+        "",
+        "## Labels",
+        "",
+    ]
+    shown = labels if len(labels) <= 60 else labels[:40]
+    lines += [f"- `{lab['code']}` {lab['display']}" for lab in shown]
+    if len(shown) < len(labels):
+        lines.append(f"- ... and {len(labels) - len(shown)} more (all in manifest.json)")
+    lines.append("")
+    return "\n".join(lines)
