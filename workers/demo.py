@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import tempfile
 import threading
 import time
@@ -33,7 +34,8 @@ from schemas.text import is_imaging_order
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-console = Console()
+# Wide enough for the table when the output is a file or a CI log (rich assumes 80 columns there).
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 FIXTURES = resources.files("workers") / "fixtures"
 
@@ -179,20 +181,6 @@ def _print_table(orders: list[dict], suggestions, dlq_count: int, labels: dict) 
     return dict(counts)
 
 
-def _count_topic(bootstrap: str, topic: str) -> int:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        if not parts:
-            return 0
-        begin, end = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
-        return sum(end[p] - begin[p] for p in parts)
-    finally:
-        consumer.close()
-
-
 def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
     from workers.app import app
     from workers.dispatch import build_consumer, build_dispatcher
@@ -251,7 +239,7 @@ def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
             orders += [i.service_request for i in parsed.items if i.service_request and not skip_reason(i.service_request)]
         labels_path = FIXTURES / "expected-labels.json"
         labels = json.loads(labels_path.read_text()) if labels_path.is_file() else {}
-        counts = _print_table(orders, suggestions_by_order(fhir), _count_topic(settings.kafka_bootstrap, settings.kafka_dlq_topic), labels)
+        counts = _print_table(orders, suggestions_by_order(fhir), stats.dead_lettered, labels)
         if keep_running:
             console.print("Services are up; press Ctrl-C to stop.")
             try:
