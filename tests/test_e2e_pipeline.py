@@ -13,27 +13,15 @@ import pytest
 
 from connectors.fhir import FhirClient
 from connectors.replay import event_key
-from schemas.events import EventRejected, parse_event, skip_reason
 from schemas.text import is_imaging_order
 from schemas.validation import r4_schema_errors
 from tests.support import Topics, committed_offsets, consume, consume_in_thread, publish, read_topic
-from workers.demo import fixture_events, seed_fhir, suggestions_by_order
+from workers.demo import actionable_orders, fixture_events, seed_fhir, suggestions_by_order
 
 pytestmark = pytest.mark.services
 
 AIAST = ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "AIAST")
 WRITTEN_TYPES = ("Task", "RiskAssessment", "Provenance", "Device")
-
-
-def _actionable_orders(published: list[tuple[str, bytes]]) -> list[dict]:
-    orders = []
-    for _, raw in published:
-        try:
-            parsed = parse_event(raw)
-        except EventRejected:
-            continue
-        orders += [i.service_request for i in parsed.items if i.service_request and not skip_reason(i.service_request)]
-    return orders
 
 
 def _totals(fhir: FhirClient) -> dict[str, int]:
@@ -52,7 +40,7 @@ def first_run(services, celery_worker):
 
 
 def test_every_imaging_order_gets_one_task_and_non_imaging_none(first_run):
-    orders = _actionable_orders(first_run["published"])
+    orders = actionable_orders(first_run["published"])
     found = suggestions_by_order(first_run["fhir"])
     imaging = [o for o in orders if is_imaging_order(o)]
     other = [o for o in orders if not is_imaging_order(o)]

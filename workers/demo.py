@@ -103,6 +103,18 @@ def seed_fhir(fhir: FhirClient, patients: list[dict], events: list[tuple[str, by
     return published
 
 
+def actionable_orders(published: list[tuple[str, bytes]]) -> list[dict]:
+    """The valid, actionable ServiceRequests among published events: those that must get suggestions."""
+    orders: list[dict] = []
+    for _, raw in published:
+        try:
+            parsed = parse_event(raw)
+        except EventRejected:
+            continue
+        orders += [i.service_request for i in parsed.items if i.service_request and not skip_reason(i.service_request)]
+    return orders
+
+
 def suggestions_by_order(fhir: FhirClient) -> dict[str, dict[str, list[dict]]]:
     found: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for rtype, field in (("Task", "focus"), ("RiskAssessment", "basis")):
@@ -230,13 +242,7 @@ def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
         elapsed = time.monotonic() - started
         console.print(f"consumed {len(published)} events in {elapsed:.1f}s: {stats.as_dict()}")
 
-        orders = []
-        for _, raw in published:
-            try:
-                parsed = parse_event(raw)
-            except EventRejected:
-                continue
-            orders += [i.service_request for i in parsed.items if i.service_request and not skip_reason(i.service_request)]
+        orders = actionable_orders(published)
         labels_path = FIXTURES / "expected-labels.json"
         labels = json.loads(labels_path.read_text()) if labels_path.is_file() else {}
         counts = _print_table(orders, suggestions_by_order(fhir), stats.dead_lettered, labels)
