@@ -1,7 +1,7 @@
 """Celery tasks: plain functions around :mod:`workers.pipeline`.
 
 Models and the FHIR client are created once per worker process (after the prefork), never per
-task. The registry is verified in the parent before any child starts, so a corrupt or missing
+task. The registry is verified before any child starts (``workers.app``), so a corrupt or missing
 model stops the worker at start-up with a message saying what to do, instead of failing every
 order later.
 """
