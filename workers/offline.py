@@ -16,7 +16,8 @@ from schemas.text import build_model_input, service_request_from_text
 
 def read_orders(path: Path) -> Iterator[tuple[str, dict]]:
     """Yield ``(id, ServiceRequest)`` from FHIR NDJSON or JSONL ``{"id", "text"}`` lines."""
-    with path.open(encoding="utf-8") as fh:
+    # utf-8-sig: files saved by spreadsheet tools start with a BOM; the training loaders accept it too.
+    with path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
