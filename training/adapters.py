@@ -1,0 +1,281 @@
+"""Parameter-efficient fine-tuning of an :class:`training.finetune.EncoderClassifier`: LoRA, and
+QLoRA (LoRA on an encoder loaded in 4-bit NF4 or 8-bit by bitsandbytes).
+
+- :func:`apply_lora` wraps ``model.encoder`` with peft LoRA adapters; afterwards only the
+  adapters and the classifier head require gradients, which is all ``finetune.train`` updates.
+- :func:`load_quantized_encoder_classifier` loads any local Hugging Face encoder folder with a
+  ``BitsAndBytesConfig`` (the head, outside the encoder, stays fp32);
+  :func:`load_qlora_classifier` adds ``prepare_model_for_kbit_training`` and LoRA.
+- :func:`merge_for_export` gives back a plain fp32 ``EncoderClassifier`` (LoRA merged into the
+  fp32 base weights) that ``training.export.export_onnx`` exports like any other.
+
+bitsandbytes on the CPU (0.50): 4-bit NF4 with double quantization, 8-bit, and LoRA training on
+them work. One trap: on CPUs with AVX512-BF16 a 4-bit layer repacks its weight into an
+inference-only layout on its first eval forward without gradients, and then fails in training
+("a view of a leaf Variable ... in-place operation"). :func:`keep_4bit_layers_trainable` turns
+that repacking off (``finetune.train`` calls it before any forward, so the prototype head init and
+the validation passes are safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.finetune import EncoderClassifier, resolve_layers, truncate_encoder
+
+log = logging.getLogger("training")
+
+# Linear layers worth adapting, by their name in the usual encoder families
+LORA_TARGET_NAMES = (
+    "query", "key", "value", "dense",  # BERT, RoBERTa, ELECTRA, MiniLM (attention, output, MLP)
+    "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2",
+    "query_proj", "key_proj", "value_proj",  # DeBERTa
+    "q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2",  # DistilBERT
+    "Wqkv", "Wo", "Wi",  # ModernBERT
+)
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError("LoRA needs peft: pip install 'ehr-worker[train]'") from exc
+    return peft
+
+
+@contextlib.contextmanager
+def _quiet_peft_deprecations():
+    """peft calls transformers' deprecated ``*gradient_checkpointing*`` names; not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def has_lora(model: EncoderClassifier) -> bool:
+    return isinstance(model.encoder, _peft().PeftModel)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any weight of ``model`` is stored by bitsandbytes in 4 or 8 bits."""
+    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+
+
+def lora_target_modules(encoder: nn.Module) -> list[str]:
+    """Names of the encoder's linear layers that LoRA should adapt: every ``nn.Linear`` (the
+    bitsandbytes 4/8-bit ones included) named like an attention projection or MLP layer, except
+    the pooler, whose output the mean-pooling classifier never uses."""
+    names = [name for name, module in encoder.named_modules()
+             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGET_NAMES
+             and "pooler" not in name.split(".")]
+    if not names:
+        linear = [name for name, module in encoder.named_modules() if isinstance(module, nn.Linear)]
+        raise ValueError(f"no known attention/MLP layer names in this encoder; pass target_modules= "
+                         f"from its linear layers: {linear[:12]}")
+    return names
+
+
+def apply_lora(
+    model: EncoderClassifier,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] | None = None,
+) -> EncoderClassifier:
+    """Wrap ``model.encoder`` in LoRA adapters (``W x + (alpha / r) * B A x``, B starting at zero,
+    so the model is unchanged until it trains) and freeze everything else but the head.
+    ``target_modules``: layer names or suffixes; by default :func:`lora_target_modules`."""
+    peft = _peft()
+    if has_lora(model):
+        raise ValueError("this model already has LoRA adapters; merge_for_export() it first to stack another")
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                             target_modules=list(target_modules or lora_target_modules(model.encoder)),
+                             bias="none")
+    with _quiet_peft_deprecations():
+        model.encoder = peft.get_peft_model(model.encoder, config)
+    model.head.requires_grad_(True)  # the head lives outside the encoder and always trains
+    trainable, total = trainable_parameters(model)
+    log.info("LoRA r=%d alpha=%d on %d layers: %d of %d parameters train (%.2f%%)", r, alpha,
+             len(config.target_modules), trainable, total, 100.0 * trainable / max(total, 1))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; a 4-bit weight counts as its unpacked size."""
+    trainable = total = 0
+    for param in model.parameters():
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)  # Params4bit packs 2 per byte
+        n = int(torch.Size(shape).numel()) if shape is not None else param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized encoders (QLoRA)
+
+
+def quantization_config(bits: int, *, double_quant: bool = True, quant_type: str = "nf4",
+                        compute_dtype: torch.dtype = torch.float32):
+    """The transformers ``BitsAndBytesConfig`` for a 4-bit (NF4/FP4, optional double quantization
+    of the block scales) or 8-bit (LLM.int8) encoder."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def keep_4bit_layers_trainable(model: nn.Module) -> int:
+    """Stop bitsandbytes' 4-bit layers from repacking their weights into the CPU inference layout
+    (which cannot train), and undo that repacking where it already happened. Returns how many
+    layers were unpacked."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return 0
+    unpacked = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+            unpacked += 1
+    if unpacked:
+        log.warning("%d 4-bit layers had been repacked for CPU inference by an eval forward; unpacked them "
+                    "(block scales re-quantized, tiny drift) so that they can train", unpacked)
+    return unpacked
+
+
+def load_quantized_encoder_classifier(
+    base_model: str | Path,
+    num_labels: int,
+    bits: int = 4,
+    num_layers: int | Sequence[int] | None = None,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype = torch.float32,
+    *,
+    layer_strategy: str = "spread",
+    dropout: float = 0.1,
+) -> EncoderClassifier:
+    """An ``EncoderClassifier`` whose encoder (any local Hugging Face folder) is loaded in 4-bit
+    (NF4 + double quantization by default) or 8-bit by bitsandbytes, truncated to ``num_layers``
+    like ``EncoderClassifier.from_pretrained``. The head is a plain fp32 ``nn.Linear``. Train it
+    through :func:`load_qlora_classifier` (or ``prepare_for_kbit_training`` + ``apply_lora``)."""
+    from transformers import AutoConfig, AutoModel
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = AutoConfig.from_pretrained(str(base_model))
+    keep = resolve_layers(config.num_hidden_layers, num_layers, layer_strategy)
+    encoder = AutoModel.from_pretrained(
+        str(base_model), config=config,
+        quantization_config=quantization_config(bits, double_quant=double_quant, quant_type=quant_type,
+                                                compute_dtype=compute_dtype))
+    truncate_encoder(encoder, keep)
+    keep_4bit_layers_trainable(encoder)
+    model = EncoderClassifier(encoder, num_labels, dropout=dropout)
+    model.kept_layers = keep
+    model.base_model_path = str(base_model)
+    model.quantized_bits = bits
+    return model
+
+
+def prepare_for_kbit_training(model: EncoderClassifier, gradient_checkpointing: bool = False) -> EncoderClassifier:
+    """peft's ``prepare_model_for_kbit_training`` on the encoder: freezes it and keeps norms in
+    fp32. Gradient checkpointing works on the CPU too but costs about a third more compute for
+    activation memory that these small encoders rarely need, hence off by default."""
+    with _quiet_peft_deprecations():
+        # non-reentrant checkpointing: what torch recommends, and it needs no input-grad hook
+        model.encoder = _peft().prepare_model_for_kbit_training(
+            model.encoder, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_qlora_classifier(
+    base_model: str | Path,
+    num_labels: int,
+    bits: int = 4,
+    num_layers: int | Sequence[int] | None = None,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] | None = None,
+    gradient_checkpointing: bool = False,
+    **quantization,
+) -> EncoderClassifier:
+    """QLoRA: :func:`load_quantized_encoder_classifier` + :func:`prepare_for_kbit_training` +
+    :func:`apply_lora`. ``quantization``: ``double_quant``, ``quant_type``, ``compute_dtype``,
+    ``layer_strategy``, ``dropout`` (the classifier's)."""
+    model = load_quantized_encoder_classifier(base_model, num_labels, bits, num_layers, **quantization)
+    prepare_for_kbit_training(model, gradient_checkpointing)
+    return apply_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _plain_classifier(encoder: nn.Module, like: EncoderClassifier) -> EncoderClassifier:
+    """A new ``EncoderClassifier`` on ``encoder`` with ``like``'s head (copied) and attributes."""
+    plain = EncoderClassifier(encoder, like.head.out_features, dropout=like.dropout.p)
+    plain.head.load_state_dict({k: v.detach().float() for k, v in like.head.state_dict().items()})
+    for attr in ("kept_layers", "base_model_path"):
+        if hasattr(like, attr):
+            setattr(plain, attr, copy.copy(getattr(like, attr)))
+    return plain.eval()
+
+
+def _reload_fp32_encoder(model: EncoderClassifier) -> nn.Module:
+    base = getattr(model, "base_model_path", None)
+    if not base:
+        raise ValueError("merging a quantized model needs its fp32 base: build it with "
+                         "load_quantized_encoder_classifier (which records base_model_path)")
+    fp32 = EncoderClassifier.from_pretrained(base, model.head.out_features, num_layers=model.kept_layers,
+                                             dropout=model.dropout.p)
+    return fp32.encoder
+
+
+def merge_for_export(model: EncoderClassifier) -> EncoderClassifier:
+    """A plain fp32 ``EncoderClassifier`` for ``export_onnx``; ``model`` is left as it is.
+
+    - fp32 LoRA: the adapters merged into a copy of the weights (``W + (alpha / r) * B A``); the
+      logits are those of the adapter model up to float rounding.
+    - 4/8-bit (with or without LoRA): the fp32 base is reloaded from ``base_model_path`` with the
+      same kept layers and the trained LoRA deltas merged into it (as QLoRA intends: the adapters
+      were trained against the dequantized weights, so logits drift a little; check top-1
+      agreement, not exact equality).
+    - no adapters, not quantized: a copy.
+    """
+    peft = _peft()
+    if is_quantized(model):
+        encoder = _reload_fp32_encoder(model)
+        if has_lora(model):
+            config = copy.deepcopy(model.encoder.peft_config["default"])
+            with _quiet_peft_deprecations():
+                fp32_peft = peft.get_peft_model(encoder, config)
+            peft.set_peft_model_state_dict(fp32_peft, peft.get_peft_model_state_dict(model.encoder))
+            encoder = fp32_peft.merge_and_unload()
+    else:
+        encoder = copy.deepcopy(model.encoder)
+        if isinstance(encoder, peft.PeftModel):
+            encoder = encoder.merge_and_unload()
+    encoder.requires_grad_(True)  # a plain model again: nothing is meant to stay frozen
+    return _plain_classifier(encoder.float(), model)
