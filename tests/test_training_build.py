@@ -27,7 +27,9 @@ def test_registry_layout(tiny_registry, manifests):
     assert reg.tasks() == ["diagnosis", "protocol"]
     for task, manifest in manifests.items():
         folder = reg.current_dir(task)
-        assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "manifest.json", "model.onnx", "tokenizer.json"]
+        assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "manifest.json", "model.onnx", "report",
+                                                             "tokenizer.json"]
+        assert {"report/REPORT.md", "report/confusion.png", "report/reliability.png"} <= set(manifest.files)
         assert manifest.task == task and manifest.version == folder.name
         assert manifest.name == f"ehrw-{task}"
         assert manifest.format_version == 1 and len(manifest.training_data_sha256) == 64
