@@ -137,7 +137,7 @@ def _cand(scenario_id: str, factor: str | None):
         ("appendicitis", "pregnant", kb.US_ABD, _PREG),
         ("stone", "pregnant", kb.US_RENAL, _PREG),
         ("pe", "allergy", kb.US_DVT, re.compile(r"contr?a?s?t|dye|iod|allerg", re.IGNORECASE)),
-        ("brain_mets", "pacemaker", kb.CTH_WWO, re.compile(r"mri|mr |pace|pacer|implant|aicd|stimulator", re.IGNORECASE)),
+        ("brain_mets", "pacemaker", kb.CTH_WWO, re.compile(r"mri|\bmr\b|pace|implant|\ba?icd\b|stimulator|defib|crt-d", re.IGNORECASE)),
     ],
 )
 def test_patient_factors_flip_the_protocol_and_are_rendered(scenario, factor, expected, pattern):
