@@ -59,6 +59,47 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _training_lines(train: dict) -> list[str]:
+    """How the model was trained and compressed (the manifest's ``training`` record)."""
+    cfg = train.get("train_config") or train
+    lines = [
+        f"- Training: method `{train.get('method', 'full')}`, {train.get('train_steps', train.get('steps', '?'))} steps, "
+        f"batch {cfg.get('batch_size', '?')}, AdamW lr {cfg.get('lr', '?')} (head {cfg.get('head_lr', '?')}), loss "
+        f"{cfg.get('loss', 'ce')}, warmup + cosine, early stopping on validation macro-F1 (best "
+        f"{_fmt(train.get('best_val_macro_f1', float('nan')))}), seed {train.get('seed', '?')}, "
+        f"{_fmt(train.get('train_seconds', train.get('seconds', 0.0)), 0)} s on CPU.",
+    ]
+    distill = train.get("distill")
+    if distill:
+        lines.append(f"- Distillation: {len(distill.get('teacher_layers', []))}-layer teacher -> {distill.get('student_layers')}-layer "
+                     f"student (KL at T={distill.get('temperature')} x T^2, alpha {distill.get('alpha')}, plus CE), "
+                     f"{distill.get('steps')} steps, best validation macro-F1 {_fmt(distill.get('best_val_macro_f1', float('nan')))}.")
+    prune = train.get("prune")
+    if prune:
+        lines.append(f"- Structured pruning: {prune.get('head_ratio', 0):.0%} of attention heads and "
+                     f"{prune.get('ffn_ratio', 0):.0%} of FFN channels per layer removed "
+                     f"({prune.get('params_before', 0) / 1e6:.2f}M -> {prune.get('params_after', 0) / 1e6:.2f}M parameters), "
+                     f"then {prune.get('recovery_steps')} recovery steps.")
+    return lines
+
+
+def _report_lines(metrics: dict) -> list[str]:
+    report = metrics.get("report")
+    if not report:
+        return []
+    lines = [
+        f"- Rare-class F1 ({report.get('rare_classes', '?')} classes, bottom 20 % by training support): "
+        f"{_fmt(report.get('rare_f1', float('nan')))}; peak RSS of a process serving the model: "
+        f"{_fmt(report.get('peak_rss_mb', float('nan')), 0)} MB.",
+        "- Full report with per-class figures, the confusion matrix and the reliability diagram: `report/REPORT.md`.",
+    ]
+    for row in metrics.get("comparison") or []:
+        lines.append(f"- {row.get('model')}: accuracy {_fmt(row.get('accuracy', float('nan')))}, rare-class F1 "
+                     f"{_fmt(row.get('rare_f1', float('nan')))}, p50 {_fmt(row.get('p50_ms', float('nan')), 2)} ms, "
+                     f"{_fmt(row.get('size_mb', float('nan')), 1)} MB")
+    return lines
+
+
 def render_model_card(manifest: dict, *, profile: str = "default") -> str:
     task = manifest["task"]
     info = TASKS.get(task, {"title": task, "purpose": "", "users": "", "out_of_scope": [], "data": ""})
@@ -98,10 +139,7 @@ def render_model_card(manifest: dict, *, profile: str = "default") -> str:
         f"{manifest.get('max_length')} tokens.",
         "- Format: ONNX, dynamic int8 weight quantization (MatMul/Gemm), embedding tables "
         f"{train.get('embeddings_quantization', 'int8')}; runs on ONNX Runtime CPU without PyTorch.",
-        f"- Training: {train.get('steps', '?')} steps, batch {train.get('batch_size', '?')}, AdamW lr "
-        f"{train.get('lr', '?')} (head {train.get('head_lr', '?')}), warmup + cosine, early stopping on "
-        f"validation macro-F1 (best {_fmt(train.get('best_val_macro_f1', float('nan')))}), seed {train.get('seed', '?')}, "
-        f"{_fmt(train.get('seconds', 0.0), 0)} s on CPU.",
+        *_training_lines(train),
         "",
         "## Training data",
         "",
@@ -117,7 +155,8 @@ def render_model_card(manifest: dict, *, profile: str = "default") -> str:
         "| metric | fp32 | int8 (served) |",
         "|---|---|---|",
     ]
-    for key, name in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("top3_accuracy", "top-3 accuracy"),
+    for key, name in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("rare_f1", "rare-class F1 (bottom 20 % by support)"),
+                      ("top3_accuracy", "top-3 accuracy"),
                       ("top5_accuracy", "top-5 accuracy"), ("ece", "ECE (calibrated)")):
         lines.append(f"| {name} | {_fmt(fp32.get(key, float('nan')))} | {_fmt(int8.get(key, float('nan')))} |")
     sel = int8.get("selective", {})
@@ -129,6 +168,7 @@ def render_model_card(manifest: dict, *, profile: str = "default") -> str:
         f"({_fmt(size.get('int8_over_fp32', float('nan')), 3)} of fp32)",
         f"- Latency, one order, one thread (tokenize + run): p50 {_fmt(lat.get('p50_ms', float('nan')), 2)} ms, "
         f"p95 {_fmt(lat.get('p95_ms', float('nan')), 2)} ms at a median of {lat.get('tokens_p50', '?')} tokens",
+        *_report_lines(m),
         "",
         "## Calibration and abstention",
         "",
