@@ -88,6 +88,9 @@ class Calibration(BaseModel):
 
     temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     abstain_below: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    # abstain when the probability mass of the top ``confidence_top_k`` labels is below
+    # ``abstain_below``: 1 for a single answer, k for a differential list of k
+    confidence_top_k: int = Field(1, ge=1)
 
 
 class Manifest(BaseModel):

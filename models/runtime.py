@@ -216,8 +216,10 @@ class TextClassifier:
 
         k = max(1, min(int(top_k), proba.shape[-1]))
         threshold = self.threshold
+        conf_k = max(1, min(self.manifest.calibration.confidence_top_k, proba.shape[-1]))
         results = []
         for row in proba:
+            confidence = float(row.max()) if conf_k == 1 else float(-np.sort(-row)[:conf_k].sum())
             top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
             top = top[np.argsort(-row[top], kind="stable")]
             preds = [
@@ -234,7 +236,7 @@ class TextClassifier:
                     task=self.task,
                     model=self.name,
                     model_version=self.version,
-                    abstained=bool(row[top[0]] < threshold),
+                    abstained=bool(confidence < threshold),
                     predictions=preds,
                     threshold=threshold,
                     model_card_url=self.model_card_url,
@@ -244,7 +246,8 @@ class TextClassifier:
 
     def predict(self, texts: Sequence[str], top_k: int = 5, batch_size: int = 32) -> list:
         """One :class:`schemas.labels.ModelOutput` per text, in input order: the top-k labels by
-        calibrated probability, ``abstained`` when the top-1 probability is below the manifest's
+        calibrated probability, ``abstained`` when the probability mass of the top
+        ``calibration.confidence_top_k`` labels (1: the top-1 probability) is below the manifest's
         ``calibration.abstain_below``."""
         texts = list(texts)
         if not texts:

@@ -120,6 +120,21 @@ def test_abstention_threshold_is_honoured(protocol):
     assert all(len(o.predictions) == 5 for o in outputs)  # abstaining still ranks the alternatives
 
 
+def test_abstention_on_the_top_k_probability_mass(protocol):
+    """With ``confidence_top_k`` = 3 the model answers when its three suggestions together are
+    likely enough, even if no single one is."""
+    proba = protocol.predict_proba(TEXTS)
+    mass3 = -np.sort(-proba, axis=1)[:, :3].sum(axis=1)
+    threshold = float(np.sort(mass3)[1:3].mean())  # between the 2nd and 3rd smallest top-3 masses
+    calibration = protocol.manifest.calibration.model_copy(update={"abstain_below": threshold, "confidence_top_k": 3})
+    strict = TextClassifier(protocol.manifest.model_copy(update={"calibration": calibration}), protocol.encoder,
+                            protocol.version_dir)
+    outputs = strict.predict(TEXTS, top_k=5)
+    assert [o.abstained for o in outputs] == [bool(m < threshold) for m in mass3]
+    assert sum(o.abstained for o in outputs) == 2
+    assert threshold > float(np.sort(proba.max(axis=1))[2])  # top-1 alone would have abstained more
+
+
 def _copy_current(tiny_registry: Path, tmp_path: Path, task: str = "protocol") -> Path:
     src = ModelRegistry(tiny_registry).current_dir(task)
     dst = tmp_path / src.name

@@ -155,3 +155,19 @@ def test_threshold_reaches_the_target_precision_with_most_coverage():
     assert not hopeless["reached"] and hopeless["coverage"] == 0.0
     summary = cal.calibrate(np.log(probs + 1e-9), labels, 0.9)
     assert summary["temperature"] > 0 and 0 <= summary["abstain_below"] <= 1
+
+
+def test_threshold_on_the_top_k_mass_counts_an_answer_right_when_the_label_is_among_the_k():
+    rng = np.random.default_rng(3)
+    n, c = 2000, 50
+    logits = rng.normal(size=(n, c)) * 2.0
+    labels = np.where(rng.random(n) < 0.5, logits.argmax(1), np.argsort(-logits, axis=1)[:, 2])  # half 3rd-ranked
+    probs = softmax(logits, 1.0)
+    assert cal.top_k_correct(probs, labels, 1).mean() == pytest.approx(0.5, abs=0.05)
+    assert cal.top_k_correct(probs, labels, 3).all()
+    top1 = cal.choose_threshold(probs, labels, 0.9, k=1)
+    top3 = cal.choose_threshold(probs, labels, 0.9, k=3)
+    assert top3["precision"] == 1.0 and top3["coverage"] == 1.0 and top3["k"] == 3
+    assert top1["coverage"] < top3["coverage"]
+    out = cal.calibrate(logits, labels, 0.9, top_k=3)
+    assert out["confidence_top_k"] == 3 and out["val"]["coverage"] == 1.0

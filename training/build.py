@@ -51,6 +51,8 @@ _COMMON_DEFAULT: dict[str, Any] = {
     "per_channel": True,
     "latency_n": 300,
     "calibration_split": "heldout",  # "val" or "heldout" (a held-out-phrasing sample, see load_splits)
+    # abstain when the top-k probability mass is below the calibrated threshold (1: top-1 probability)
+    "confidence_top_k": 1,
     # training method and loss (training.pipeline.METHODS; training.losses)
     "method": "full",  # full | lora | qlora (4-bit NF4 + double quant) | 8bit
     "lora_r": 8,
@@ -125,6 +127,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "head_lr": 5e-3,
             "class_weights": None,
             "target_precision": 0.8,
+            # the RiskAssessment lists 5 diseases: it is right when the disease is among them, so the
+            # abstention threshold is on the top-5 probability mass, at 0.8 top-5 precision
+            "confidence_top_k": 5,
             "student_layers": 1,
             "distill_epochs": 0.5,
             "prune_ffn": 0.25,

@@ -67,13 +67,35 @@ def expected_calibration_error(probs: np.ndarray, labels, n_bins: int = 15) -> f
     return float(ece)
 
 
-def selective(probs: np.ndarray, labels, threshold: float) -> dict:
-    """Coverage and precision (accuracy of the answered ones) at a threshold."""
+def top_k_confidence(probs: np.ndarray, k: int = 1) -> np.ndarray:
+    """The probability mass of the ``k`` most probable labels: the model's confidence that the
+    answer is among the ``k`` it lists (k = 1: the top-1 probability)."""
+    probs = np.asarray(probs)
+    k = max(1, min(int(k), probs.shape[1]))
+    if k == 1:
+        return probs.max(axis=1)
+    return -np.sort(-probs, axis=1)[:, :k].sum(axis=1)
+
+
+def top_k_correct(probs: np.ndarray, labels, k: int = 1) -> np.ndarray:
+    """Whether the true label is among the ``k`` most probable ones."""
     probs = np.asarray(probs)
     labels = np.asarray(labels)
-    conf = probs.max(axis=1)
+    k = max(1, min(int(k), probs.shape[1]))
+    if k == 1:
+        return probs.argmax(axis=1) == labels
+    top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def selective(probs: np.ndarray, labels, threshold: float, k: int = 1) -> dict:
+    """Coverage and precision (the answered ones whose true label is in the top ``k``) at a threshold
+    on the top-``k`` probability mass."""
+    probs = np.asarray(probs)
+    labels = np.asarray(labels)
+    conf = top_k_confidence(probs, k)
     answered = conf >= threshold
-    correct = probs.argmax(axis=1) == labels
+    correct = top_k_correct(probs, labels, k)
     return {
         "threshold": float(threshold),
         "coverage": float(answered.mean()) if len(labels) else float("nan"),
@@ -82,8 +104,10 @@ def selective(probs: np.ndarray, labels, threshold: float) -> dict:
     }
 
 
-def choose_threshold(probs: np.ndarray, labels, target_precision: float, *, min_answered: int = 1) -> dict:
-    """The lowest confidence threshold whose answered set reaches ``target_precision``.
+def choose_threshold(probs: np.ndarray, labels, target_precision: float, *, min_answered: int = 1, k: int = 1) -> dict:
+    """The lowest confidence threshold whose answered set reaches ``target_precision``. With ``k`` > 1
+    the confidence is the top-``k`` probability mass and an answer is right when the true label is
+    among those ``k`` (a differential list rather than one answer).
 
     Sorted by confidence, the precision of the top-n answered predictions is computed for every n;
     the largest n that reaches the target (and answers at least ``min_answered``) sets the
@@ -94,8 +118,8 @@ def choose_threshold(probs: np.ndarray, labels, target_precision: float, *, min_
     labels = np.asarray(labels)
     if len(labels) == 0:
         return {"threshold": 0.0, "target_precision": target_precision, "reached": False}
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    conf = top_k_confidence(probs, k)
+    correct = top_k_correct(probs, labels, k).astype(np.float64)
     order = np.argsort(-conf, kind="stable")
     conf_sorted, correct_sorted = conf[order], correct[order]
     precision = np.cumsum(correct_sorted) / np.arange(1, len(order) + 1)
@@ -109,21 +133,23 @@ def choose_threshold(probs: np.ndarray, labels, target_precision: float, *, min_
     else:
         threshold = float(min(1.0, np.ceil(conf_sorted[0] * 1e6) / 1e6 + 1e-6))
         reached = False
-    out = selective(probs, labels, threshold)
-    out.update({"target_precision": float(target_precision), "reached": reached})
+    out = selective(probs, labels, threshold, k)
+    out.update({"target_precision": float(target_precision), "reached": reached, "k": int(k)})
     return out
 
 
-def calibrate(val_logits: np.ndarray, val_labels, target_precision: float) -> dict:
-    """Temperature, then threshold on the temperature-scaled validation probabilities."""
+def calibrate(val_logits: np.ndarray, val_labels, target_precision: float, *, top_k: int = 1) -> dict:
+    """Temperature, then threshold on the temperature-scaled validation probabilities (on the
+    top-``top_k`` probability mass, see :func:`choose_threshold`)."""
     labels = np.asarray(val_labels)
     t = fit_temperature(val_logits, labels)
     before = softmax(val_logits, 1.0)
     after = softmax(val_logits, t)
-    thr = choose_threshold(after, labels, target_precision)
+    thr = choose_threshold(after, labels, target_precision, k=top_k)
     return {
         "temperature": t,
         "abstain_below": thr["threshold"],
+        "confidence_top_k": int(top_k),
         "target_precision": float(target_precision),
         "val": {
             "nll_before": nll(val_logits, labels, 1.0),

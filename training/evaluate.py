@@ -40,13 +40,15 @@ def classification_metrics(logits: np.ndarray, labels, *, temperature: float = 1
 
 
 def evaluate_onnx(
-    encoder: OnnxTextEncoder, texts: Sequence[str], labels, *, temperature: float = 1.0, threshold: float | None = None
+    encoder: OnnxTextEncoder, texts: Sequence[str], labels, *, temperature: float = 1.0, threshold: float | None = None,
+    confidence_top_k: int = 1,
 ) -> tuple[dict, np.ndarray]:
     logits = encoder.logits(texts, batch_size=64)
     metrics = classification_metrics(logits, labels, temperature=temperature)
     if threshold is not None:
-        sel = selective(softmax(logits, temperature), labels, threshold)
-        metrics["selective"] = {"coverage": sel["coverage"], "precision": sel["precision"], "threshold": threshold}
+        sel = selective(softmax(logits, temperature), labels, threshold, confidence_top_k)
+        metrics["selective"] = {"coverage": sel["coverage"], "precision": sel["precision"], "threshold": threshold,
+                                "confidence_top_k": confidence_top_k}
     return metrics, logits
 
 

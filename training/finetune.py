@@ -278,6 +278,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-4  # encoder
     head_lr: float = 2e-3  # the freshly initialised head
+    embed_lr: float | None = None  # the word-embedding table (None: lr); a bag-of-findings task learns mostly here
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     min_lr_ratio: float = 0.02  # cosine floor, as a fraction of the peak
@@ -374,12 +375,15 @@ def optimizer_class(name: str, *, on_cuda: bool) -> type[torch.optim.Optimizer]:
 def make_optimizer(model: EncoderClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW-style optimizer (``cfg.optimizer``) over the parameters that require gradients: no
     weight decay on biases and norms, the head at ``head_lr``."""
-    decay, no_decay, head = [], [], []
+    decay, no_decay, head, embed = [], [], [], []
+    embedding_weight = model.encoder.get_input_embeddings().weight if cfg.embed_lr else None
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if name.startswith("head."):
             head.append(param)
+        elif param is embedding_weight:
+            embed.append(param)
         elif param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
             no_decay.append(param)
         else:
@@ -388,8 +392,9 @@ def make_optimizer(model: EncoderClassifier, cfg: TrainConfig) -> torch.optim.Op
         {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "base_lr": cfg.lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "base_lr": cfg.lr},
         {"params": head, "weight_decay": cfg.weight_decay, "lr": cfg.head_lr, "base_lr": cfg.head_lr},
+        {"params": embed, "weight_decay": 0.0, "lr": cfg.embed_lr, "base_lr": cfg.embed_lr},
     ]
-    on_cuda = any(p.is_cuda for p in decay + no_decay + head)
+    on_cuda = any(p.is_cuda for p in decay + no_decay + head + embed)
     cls = optimizer_class(cfg.optimizer, on_cuda=on_cuda)
     return cls([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8)
 

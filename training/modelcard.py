@@ -173,7 +173,11 @@ def render_model_card(manifest: dict, *, profile: str = "default") -> str:
         "## Calibration and abstention",
         "",
         f"Probabilities are `softmax(logits / T)` with T = {cal.get('temperature')} fitted (negative "
-        f"log-likelihood) on the {calset} of the int8 model. The model abstains when its top probability is below "
+        f"log-likelihood) on the {calset} of the int8 model. The model abstains when "
+        + ("its top probability" if int(cal.get("confidence_top_k", 1)) == 1 else
+           f"the summed probability of its top {cal.get('confidence_top_k')} suggestions (the list it writes; "
+           "precision then means the true label is among them)")
+        + " is below "
         f"{cal.get('abstain_below')}, chosen there for a precision of {cal.get('target_precision', '?')} "
         f"(reached: {m.get('calibration', {}).get('target_reached', '?')}, coverage "
         f"{_fmt(m.get('calibration', {}).get('coverage', float('nan')), 3)}); on the test set it then answers "

@@ -77,6 +77,7 @@ def train_config(p: dict, seed: int, progress: bool, **overrides):
         batch_size=int(p["batch_size"]),
         lr=float(p["lr"]),
         head_lr=float(p["head_lr"]),
+        embed_lr=float(p["embed_lr"]) if p.get("embed_lr") else None,
         weight_decay=float(p["weight_decay"]),
         warmup_ratio=float(p["warmup_ratio"]),
         grad_clip=float(p["grad_clip"]),
@@ -349,11 +350,12 @@ def run_pipeline(
               f"({len(data['calib_x'])})")
         val_logits = int8_enc.logits(data["val_x"], batch_size=64)
         calib_logits = int8_enc.logits(data["calib_x"], batch_size=64)
-        calibration = cal.calibrate(calib_logits, data["calib_y"], float(p["target_precision"]))
+        conf_k = int(p.get("confidence_top_k", 1))
+        calibration = cal.calibrate(calib_logits, data["calib_y"], float(p["target_precision"]), top_k=conf_k)
         calibration["val"]["set"] = data["calib_name"]
         calibration["val"]["n"] = len(data["calib_x"])
         temperature, threshold = calibration["temperature"], calibration["abstain_below"]
-        stage("calibrate", f"T = {temperature}, abstain below {threshold:.4f} (coverage "
+        stage("calibrate", f"T = {temperature}, abstain below {threshold:.4f} of top-{conf_k} mass (coverage "
               f"{calibration['val']['coverage']:.3f}, precision {calibration['val']['precision']:.3f}), "
               f"ECE {calibration['val']['ece_before']:.3f} -> {calibration['val']['ece_after']:.3f}")
         stage.done("calibrate")
@@ -361,7 +363,7 @@ def run_pipeline(
         stage("evaluate", f"held-out test set ({len(data['test_x'])}), fp32 vs int8, latency on 1 thread")
         m_fp32, logits_fp32 = ev.evaluate_onnx(fp32_enc, data["test_x"], data["test_y"], temperature=temperature)
         m_int8, logits_int8 = ev.evaluate_onnx(int8_enc, data["test_x"], data["test_y"], temperature=temperature,
-                                               threshold=threshold)
+                                               threshold=threshold, confidence_top_k=conf_k)
         par = parity(logits_fp32, logits_int8)
         m_val_int8 = ev.classification_metrics(val_logits, data["val_y"], temperature=temperature)
         del fp32_enc, int8_enc
@@ -425,7 +427,7 @@ def run_pipeline(
             "base_model": _base_model_name(base),
             "labels": _labels_json(labels),
             "max_length": max_length,
-            "calibration": {"temperature": temperature, "abstain_below": threshold,
+            "calibration": {"temperature": temperature, "abstain_below": threshold, "confidence_top_k": conf_k,
                             "target_precision": float(p["target_precision"])},
             "metrics": _json_safe(metrics),
             "files": {},
