@@ -478,6 +478,7 @@ def write_report(task, p, data, out: Path, fp32_path: Path, base: Path, temperat
     label_names = [lab.display for lab in data["labels"]]
     report = evaluation_report(out / MODEL_FILE, out / TOKENIZER_FILE, int(p["max_length"]), data["test_x"],
                                data["test_y"], label_names, report_dir, temperature=temperature, threshold=threshold,
+                               confidence_top_k=int(p.get("confidence_top_k", 1)),
                                train_support=data["train_support"], fp32_onnx_path=fp32_path,
                                latency_n=int(p["latency_n"]), title=f"ehrw-{task} (int8)")
     stage("evaluate", f"report: rare-class F1 {report['rare_f1']:.4f} over {report['rare']['n_classes']} classes, "

@@ -396,6 +396,7 @@ def evaluation_report(
     *,
     temperature: float = 1.0,
     threshold: float | None = None,
+    confidence_top_k: int = 1,
     train_support: Sequence[int] | None = None,
     fp32_onnx_path: str | Path | None = None,
     latency_n: int = 200,
@@ -406,7 +407,7 @@ def evaluation_report(
     """Evaluate one ONNX classifier on a labelled test set; write report.json, REPORT.md,
     confusion.png and reliability.png into ``out_dir``; return what report.json holds.
 
-    ``temperature``/``threshold``: the model's calibration (manifest ``calibration``);
+    ``temperature``/``threshold``/``confidence_top_k``: the model's calibration (manifest ``calibration``);
     ``train_support``: training examples per class (rare classes are chosen by it when given, by
     test support otherwise); ``fp32_onnx_path``: the unquantized export, for size and agreement;
     ``threads``: for the batched test pass only — latency is always one order on one thread, on
@@ -431,7 +432,8 @@ def evaluation_report(
     encoder = OnnxTextEncoder(onnx_path, tokenizer_path, max_length, threads=threads)
     if encoder.num_outputs != len(label_names):
         raise ValueError(f"{onnx_path} has {encoder.num_outputs} outputs but {len(label_names)} label names were given")
-    metrics, logits = ev.evaluate_onnx(encoder, texts, y_true, temperature=temperature, threshold=threshold)
+    metrics, logits = ev.evaluate_onnx(encoder, texts, y_true, temperature=temperature, threshold=threshold,
+                                       confidence_top_k=confidence_top_k)
     y_pred = logits.argmax(axis=1)
     probs = softmax(logits, temperature)
 
@@ -544,7 +546,9 @@ def render_report_markdown(report: dict, *, max_rare_rows: int = 40) -> str:
         (f"ECE after temperature (T = {report['temperature']:g})", _fmt(report["ece_after"])),
     ]
     if sel:
-        headline.append((f"abstain below {_fmt(sel.get('threshold'), 3)}: coverage / precision",
+        k = int(sel.get("confidence_top_k") or 1)
+        on = "top-1 probability" if k == 1 else f"top-{k} probability mass; precision = label among the top {k}"
+        headline.append((f"abstain below {_fmt(sel.get('threshold'), 3)} ({on}): coverage / precision",
                          f"{_fmt(sel.get('coverage'), 3)} / {_fmt(sel.get('precision'), 3)}"))
     headline += [
         ("latency p50 / p95, one order, 1 thread (ms)", f"{_fmt(report['p50_ms'], 2)} / {_fmt(report['p95_ms'], 2)}"),
