@@ -221,7 +221,7 @@ def load_splits(task: str, p: dict, seed: int) -> dict:
     raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
 
 
-def _labels_json(labels) -> list[dict]:
+def labels_json(labels) -> list[dict]:
     return [{"system": lab.system, "code": lab.code, "display": lab.display} for lab in labels]
 
 
@@ -251,7 +251,7 @@ def build_task(task: str, registry: str | Path, **kwargs) -> tuple[Path, dict]:
     return run_pipeline(task, registry, **kwargs)
 
 
-def _base_model_name(base: Path) -> str:
+def base_model_name(base: Path) -> str:
     try:
         from training.finetune import default_base_model
 

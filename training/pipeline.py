@@ -293,7 +293,7 @@ def run_pipeline(
 
     from training import calibrate as cal
     from training import evaluate as ev
-    from training.build import MODEL_NAMES, _base_model_name, _labels_json, new_version, resolve_profile, setup_logging
+    from training.build import MODEL_NAMES, base_model_name, labels_json, new_version, resolve_profile, setup_logging
     from training.export import check_export, export_onnx, parity, quantize, save_tokenizer
     from training.finetune import default_base_model, encode, load_tokenizer, pad_id_of
     from training.modelcard import render_model_card
@@ -424,8 +424,8 @@ def run_pipeline(
             "task": task,
             "name": MODEL_NAMES.get(task, f"ehrw-{task}"),
             "version": version,
-            "base_model": _base_model_name(base),
-            "labels": _labels_json(labels),
+            "base_model": base_model_name(base),
+            "labels": labels_json(labels),
             "max_length": max_length,
             "calibration": {"temperature": temperature, "abstain_below": threshold, "confidence_top_k": conf_k,
                             "target_precision": float(p["target_precision"])},
