@@ -58,7 +58,6 @@ def test_metrics_calibration_and_parity(manifests):
             for key in ("accuracy", "macro_f1", "top3_accuracy", "top5_accuracy", "ece", "nll"):
                 assert 0.0 <= m["test"][precision][key] or key == "nll"
         assert m["test"]["fp32"]["n"] == manifest.training["n_test"]
-        # int8 is a faithful copy of fp32 (tiny models are the hardest case: small logit margins)
         # int8 is a faithful copy of fp32; 1-layer tiny models trained for seconds have small logit
         # margins, so the bar here is lower than for the default models (see test_training_finetune)
         assert m["test"]["int8_vs_fp32_top1_agreement"] >= 0.8, task
@@ -68,7 +67,8 @@ def test_metrics_calibration_and_parity(manifests):
         assert manifest.calibration.temperature > 0
         assert 0.0 <= manifest.calibration.abstain_below <= 1.0
         assert "coverage" in m["test"]["int8"]["selective"]
-        assert manifest.training["steps"] > 0 and manifest.training["history"]
+        assert manifest.training["train_steps"] > 0 and manifest.training["history"]
+        assert list(m["stage_seconds"])[:2] == ["data", "train"]
 
 
 def test_the_tiny_models_learned_something(manifests):
@@ -101,7 +101,7 @@ def test_cli_builds_one_task_with_overrides(tmp_path):
     registry = ModelRegistry(reg)
     assert registry.tasks() == ["protocol"]
     manifest = registry.verify("protocol")
-    assert manifest.training["steps"] == 4 and manifest.training["n_train"] == 68 and manifest.training["seed"] == 1
+    assert manifest.training["train_steps"] == 4 and manifest.training["n_train"] == 68 and manifest.training["seed"] == 1
     assert proc.stdout.strip().startswith("protocol\t")
 
 
