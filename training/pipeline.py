@@ -38,6 +38,7 @@ import numpy as np
 
 from models.registry import MANIFEST, MODEL_CARD_FILE, MODEL_FILE, TOKENIZER_FILE, Manifest, ModelRegistry, checksum_files
 from models.runtime import OnnxTextEncoder
+from training.report import json_safe
 
 log = logging.getLogger("training")
 
@@ -209,7 +210,7 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
                             lr=float(p.get("recovery_lr", p["lr"])), head_lr=float(p.get("recovery_lr", p["lr"])))
         rres = recover(model, tokenizer, tr_x, tr_y, va_x, va_y, rcfg, teacher_logits=before_logits)
         stage("prune", f"recovery: {rres.steps} steps in {rres.seconds:.0f} s; best val macro-F1 {rres.best_val_macro_f1:.4f}")
-        info["prune"] = {**_json_safe(stats), "head_ratio": head_ratio, "ffn_ratio": ffn_ratio,
+        info["prune"] = {**json_safe(stats), "head_ratio": head_ratio, "ffn_ratio": ffn_ratio,
                          "recovery_steps": rres.steps, "recovery_seconds": round(rres.seconds, 1),
                          "recovery_best_val_macro_f1": round(rres.best_val_macro_f1, 6)}
         stage.done("prune")
@@ -225,21 +226,6 @@ def _fmt_stats(stats: dict) -> str:
     if before and after:
         return f"{before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters"
     return ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (list, dict)))
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return v if np.isfinite(v) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def load_task_data(task: str, p: dict, seed: int, stage: Stages) -> dict:
@@ -349,7 +335,8 @@ def run_pipeline(
         stage("calibrate", f"temperature + threshold for precision {p['target_precision']} on the {data['calib_name']} "
               f"({len(data['calib_x'])})")
         val_logits = int8_enc.logits(data["val_x"], batch_size=64)
-        calib_logits = int8_enc.logits(data["calib_x"], batch_size=64)
+        # without a held-out-phrasing sample the calibration set is the validation set: reuse its logits
+        calib_logits = int8_enc.logits(data["calib_x"], batch_size=64) if "calib" in data["splits"] else val_logits
         conf_k = int(p.get("confidence_top_k", 1))
         calibration = cal.calibrate(calib_logits, data["calib_y"], float(p["target_precision"]), top_k=conf_k)
         calibration["val"]["set"] = data["calib_name"]
@@ -429,13 +416,13 @@ def run_pipeline(
             "max_length": max_length,
             "calibration": {"temperature": temperature, "abstain_below": threshold, "confidence_top_k": conf_k,
                             "target_precision": float(p["target_precision"])},
-            "metrics": _json_safe(metrics),
+            "metrics": json_safe(metrics),
             "files": {},
             "training_data_sha256": data["hashes"]["train"],
             "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "format_version": 1,
             "model_card_url": f"{model_card_base_url.rstrip('/')}/{task}/{version}/MODEL_CARD.md" if model_card_base_url else None,
-            "training": _json_safe(training_info),
+            "training": json_safe(training_info),
         }
         (out / MODEL_CARD_FILE).write_text(render_model_card(manifest_dict, profile=profile_name), encoding="utf-8")
         manifest_dict["files"] = checksum_files(out)

@@ -341,12 +341,12 @@ def _sample(texts: Sequence[str], n: int, seed: int = 0) -> list[str]:
 # the report of one model
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """numpy to Python, NaN/inf to None: ``json.dumps`` would write NaN, which is not JSON."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -474,7 +474,7 @@ def evaluation_report(
     confusion_matrix_png(y_true, y_pred, label_names, out_dir / CONFUSION_PNG)
     reliability_diagram_png(probs, y_true, out_dir / RELIABILITY_PNG)
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    report = _json_safe(report)
+    report = json_safe(report)
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / REPORT_MD).write_text(render_report_markdown(report), encoding="utf-8")
     return report
@@ -765,7 +765,7 @@ def general_baseline(
     rare = rare_classes(support, rare_fraction)
     linear = head[-1]
     head_bytes = int((linear.coef_.size + linear.intercept_.size) * 4)
-    return _json_safe({
+    return json_safe({
         "model": GENERAL_BASELINE_NAME,
         "base_model": str(base_model_dir),
         "n_train": len(chosen),
