@@ -51,12 +51,15 @@ def test_every_stage_ran_and_was_timed(pipeline_run):
     manifest = json.loads((dest / "manifest.json").read_text())
     stages = manifest["metrics"]["stage_seconds"]
     # "register" is timed after the manifest is written; the summary row carries the total
-    assert list(stages) == ["data", "train", "distill", "prune", "export", "quantize", "calibrate", "evaluate"]
+    assert list(stages) == ["data", "train", "distill", "prune", "lexical", "export", "quantize", "calibrate",
+                            "evaluate"]
     training = manifest["training"]
     assert training["method"] == "lora" and training["trainable_parameters"] > 0
     assert training["distill"]["teacher_layers"] == [0, 3] and training["distill"]["student_layers"] == 1
     assert training["prune"]["params_after"] < training["prune"]["params_before"]
     assert training["layers"] == [0]
+    lexical = training["lexical"]
+    assert lexical["dim"] == 32 and lexical["steps"] > 0 and lexical["used"] == (lexical["mix"] > 0)
     assert row["method"] == "lora" and row["train_seconds"] > 0
 
 

@@ -235,6 +235,8 @@ class EncoderClassifier(nn.Module):
         self.head = nn.Linear(hidden, num_labels)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        # optional ``training.lexical.LexicalHead``: its logits (times its ``mix``) are added to the head's
+        self.lexical: nn.Module | None = None
 
     @classmethod
     def from_pretrained(
@@ -264,7 +266,10 @@ class EncoderClassifier(nn.Module):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.pool(input_ids, attention_mask)))
+        logits = self.head(self.dropout(self.pool(input_ids, attention_mask)))
+        if self.lexical is not None:
+            logits = logits + self.lexical.mix * self.lexical(input_ids, attention_mask)
+        return logits
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,14 @@ def _training_lines(train: dict) -> list[str]:
                      f"{prune.get('ffn_ratio', 0):.0%} of FFN channels per layer removed "
                      f"({prune.get('params_before', 0) / 1e6:.2f}M -> {prune.get('params_after', 0) / 1e6:.2f}M parameters), "
                      f"then {prune.get('recovery_steps')} recovery steps.")
+    lexical = train.get("lexical")
+    if lexical and lexical.get("used"):
+        lines.append(f"- Lexical branch: a bag of word pieces -> {lexical.get('dim')} -> labels classifier, trained apart "
+                     f"({lexical.get('epochs')} epochs, token dropout {lexical.get('token_dropout')}); its logits are added "
+                     f"to the encoder's times {lexical.get('mix')} (chosen on held-out phrasings: macro-F1 encoder "
+                     f"{_fmt(lexical.get('calib_macro_f1_encoder', float('nan')))}, lexical "
+                     f"{_fmt(lexical.get('calib_macro_f1_lexical', float('nan')))}, both "
+                     f"{_fmt(lexical.get('calib_macro_f1_combined', float('nan')))}).")
     return lines
 
 

@@ -181,7 +181,11 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
                             lr=float(p.get("distill_lr", p["lr"])), head_lr=float(p.get("distill_head_lr", p["lr"])))
         stage("distill", f"{model.encoder.config.num_hidden_layers} -> {student_layers} layers, T={dcfg.distill_temperature}, "
               f"alpha={dcfg.distill_alpha}, {_param_count(model) / 1e6:.1f}M -> {_param_count(student) / 1e6:.1f}M parameters")
-        dres = distill(model, student, tokenizer, tr_x, tr_y, va_x, va_y, dcfg)
+        dis_x, dis_y = tr_x, tr_y
+        if dcfg.epochs < 1.0 and not dcfg.max_steps:  # one pass over a sample: teacher logits only for it
+            keep = _sample(len(tr_x), dcfg.epochs, int(p["batch_size"]), seed)
+            dis_x, dis_y, dcfg.epochs = [tr_x[i] for i in keep], [tr_y[i] for i in keep], 1.0
+        dres = distill(model, student, tokenizer, dis_x, dis_y, va_x, va_y, dcfg)
         stage("distill", f"{dres.steps} steps in {dres.seconds:.0f} s; best val macro-F1 {dres.best_val_macro_f1:.4f}")
         info["distill"] = {"student_layers": int(student_layers), "teacher_layers": info["layers"],
                            "steps": dres.steps, "seconds": round(dres.seconds, 1),
@@ -200,15 +204,21 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
         from training.finetune import encode, pad_id_of
         from training.prune import prune_encoder, recover
 
-        before_logits = teacher_logits(model, tokenizer, tr_x)
+        # recovery_epochs < 1: one pass over that fraction of the training set (a random sample), so the
+        # unpruned model's logits are only computed for the examples the recovery sees
+        fraction = float(p.get("recovery_epochs", 0.5))
+        rec_epochs, rec_idx = (1.0, _sample(len(tr_x), fraction, int(p["batch_size"]), seed)) if fraction < 1.0 \
+            else (fraction, list(range(len(tr_x))))
+        rec_x, rec_y = [tr_x[i] for i in rec_idx], [tr_y[i] for i in rec_idx]
+        before_logits = teacher_logits(model, tokenizer, rec_x)
         example_ids = encode(tokenizer, tr_x[:64])
         stats = prune_encoder(model, head_ratio=head_ratio, ffn_ratio=ffn_ratio, example_ids=example_ids,
                               pad_id=pad_id_of(tokenizer))
         stage("prune", f"heads -{head_ratio:.0%}, FFN -{ffn_ratio:.0%}: {_fmt_stats(stats)}")
-        rcfg = train_config(p, seed, progress, epochs=float(p.get("recovery_epochs", 0.5)),
+        rcfg = train_config(p, seed, progress, epochs=rec_epochs,
                             max_steps=p.get("recovery_max_steps"), head_init="random",
                             lr=float(p.get("recovery_lr", p["lr"])), head_lr=float(p.get("recovery_lr", p["lr"])))
-        rres = recover(model, tokenizer, tr_x, tr_y, va_x, va_y, rcfg, teacher_logits=before_logits)
+        rres = recover(model, tokenizer, rec_x, rec_y, va_x, va_y, rcfg, teacher_logits=before_logits)
         stage("prune", f"recovery: {rres.steps} steps in {rres.seconds:.0f} s; best val macro-F1 {rres.best_val_macro_f1:.4f}")
         info["prune"] = {**json_safe(stats), "head_ratio": head_ratio, "ffn_ratio": ffn_ratio,
                          "recovery_steps": rres.steps, "recovery_seconds": round(rres.seconds, 1),
@@ -216,9 +226,57 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
         stage.done("prune")
     else:
         stage.skip("prune", "prune_heads and prune_ffn are 0")
+    # lexical ------------------------------------------------------------------------------------
+    if int(p.get("lexical_dim") or 0) > 0:
+        info["lexical"] = lexical_stage(model, p, data, tokenizer, seed, progress, stage)
+        stage.done("lexical")
+    else:
+        stage.skip("lexical", "lexical_dim is 0")
     info["parameters"] = _param_count(model)
     model.eval()
     return model, info
+
+
+def lexical_stage(model, p: dict, data: dict, tokenizer, seed: int, progress: bool, stage: Stages) -> dict:
+    """Train a ``training.lexical.LexicalHead`` on the training split, choose its weight on the
+    calibration set (held-out phrasings) against the trained encoder's logits, attach it to ``model``."""
+    import torch
+
+    from training.finetune import encode, macro_f1, pad_id_of, predict_logits
+    from training.lexical import LexicalConfig, LexicalHead, choose_mix, lexical_logits, train_lexical
+
+    cfg = LexicalConfig(dim=int(p["lexical_dim"]), epochs=int(p.get("lexical_epochs", 6)),
+                        lr=float(p.get("lexical_lr", 1e-2)), token_dropout=float(p.get("lexical_token_dropout", 0.25)),
+                        batch_size=int(p["batch_size"]), seed=seed, progress=progress)
+    pad = pad_id_of(tokenizer)
+    head = LexicalHead(tokenizer.get_vocab_size(), cfg.dim, len(data["labels"]), token_dropout=cfg.token_dropout)
+    stage("lexical", f"bag of word pieces -> {cfg.dim} -> {len(data['labels'])}, {cfg.epochs} epochs, "
+          f"token dropout {cfg.token_dropout}")
+    res = train_lexical(head, encode(tokenizer, data["train_x"]), data["train_y"], encode(tokenizer, data["val_x"]),
+                        data["val_y"], pad, cfg)
+    calib_ids = encode(tokenizer, data["calib_x"])
+    enc_logits = predict_logits(model, calib_ids, pad)
+    lex_logits = lexical_logits(head, calib_ids, pad)
+    mix, scores = choose_mix(enc_logits, lex_logits, data["calib_y"])
+    lex_only = macro_f1(data["calib_y"], lex_logits.argmax(1))
+    stage("lexical", f"{res.steps} steps in {res.seconds:.0f} s; {data['calib_name']} macro-F1: encoder {scores[0.0]:.4f}, "
+          f"lexical {lex_only:.4f}, encoder + {mix:g} x lexical {scores[mix]:.4f}")
+    if mix > 0:
+        head.mix.fill_(mix)
+        model.lexical = head.to(next(model.parameters()).device).eval()
+    else:
+        stage("lexical", "weight 0 is best: the lexical branch is left out of the model")
+    return {"dim": cfg.dim, "epochs": cfg.epochs, "lr": cfg.lr, "token_dropout": cfg.token_dropout,
+            "steps": res.steps, "seconds": round(res.seconds, 1), "val_accuracy": [round(a, 4) for a in res.val_accuracy],
+            "mix": float(mix) if mix > 0 else 0.0, "calib_macro_f1_encoder": round(scores[0.0], 4),
+            "calib_macro_f1_lexical": round(lex_only, 4), "calib_macro_f1_combined": round(scores[mix], 4),
+            "used": mix > 0, "parameters": sum(t.numel() for t in head.parameters()) if mix > 0 else 0}
+
+
+def _sample(n: int, fraction: float, batch_size: int, seed: int) -> list[int]:
+    """A sorted random ``fraction`` of ``range(n)`` (at least one batch)."""
+    size = min(n, max(batch_size, int(fraction * n)))
+    return sorted(np.random.default_rng(seed).permutation(n)[:size].tolist())
 
 
 def _fmt_stats(stats: dict) -> str:
@@ -493,4 +551,4 @@ def write_report(task, p, data, out: Path, fp32_path: Path, base: Path, temperat
     return report, comparison
 
 
-__all__ = ["METHODS", "Stages", "build_model", "run_pipeline", "train_config", "train_stage"]
+__all__ = ["METHODS", "Stages", "build_model", "lexical_stage", "run_pipeline", "train_config", "train_stage"]
