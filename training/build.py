@@ -70,6 +70,11 @@ _COMMON_DEFAULT: dict[str, Any] = {
     "prune_heads": 0.0,  # fraction of attention heads removed per layer
     "prune_ffn": 0.0,  # fraction of FFN channels removed per layer
     "recovery_epochs": 0.5,
+    # a bag-of-word-pieces branch whose logits are added to the encoder's (training.lexical); 0: none
+    "lexical_dim": 0,
+    "lexical_epochs": 10,
+    "lexical_lr": 1e-2,
+    "lexical_token_dropout": 0.3,
     # reporting: training.report (PNGs, per-class and rare-class F1, peak RSS) and the general-model baseline
     "report": True,
     "baseline": True,
@@ -90,6 +95,8 @@ _TINY: dict[str, Any] = {
     "class_weights": None,
     "latency_n": 30,
     "baseline": False,  # the general-model comparison costs a 6-layer fp32 export; the pipeline test runs it
+    "lexical_dim": 32,  # a small lexical branch, so that the served tiny models have the default models' graph
+    "lexical_epochs": 3,
 }
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
@@ -111,6 +118,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "distill_epochs": 0.5,
             "prune_ffn": 0.25,
             "recovery_epochs": 0.25,
+            # measured: held-out-phrasing macro-F1 encoder 0.687, lexical 0.716, both 0.773; test rare-class
+            # F1 0.780 -> 0.824
+            "lexical_dim": 256,
         },
         "diagnosis": {
             **_COMMON_DEFAULT,
@@ -118,14 +128,16 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "n_train_per_disease": 20,
             "n_val_per_disease": 1,
             "n_test_per_disease": 3,
-            "num_layers": 2,
+            # one layer trained directly for 2 epochs reached validation macro-F1 0.828 in 6 minutes; a
+            # 2-layer teacher distilled into 1 layer reached 0.780 in 12: no distillation here
+            "num_layers": 1,
             # rare-disease vocabulary is what separates the classes: word embeddings learn here
             # (measured on 1,000 diseases, 1 layer, 1 epoch: test accuracy 0.42 frozen -> 0.47 trained)
             "freeze_embeddings": False,
             # ... and learn fast: measured on 1,000 diseases, 1 layer, 1 epoch, test accuracy 0.47 at the
             # encoder's lr -> 0.62 with the embedding table at 3e-3
             "embed_lr": 3e-3,
-            "epochs": 1.5,
+            "epochs": 2.0,
             "lr": 2e-4,
             "head_lr": 5e-3,
             "class_weights": None,
@@ -133,10 +145,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             # the RiskAssessment lists 5 diseases: it is right when the disease is among them, so the
             # abstention threshold is on the top-5 probability mass, at 0.8 top-5 precision
             "confidence_top_k": 5,
-            "student_layers": 1,
-            "distill_epochs": 1.0,  # 2 -> 1 layers loses more than 3 -> 2: the student needs a full pass
             "prune_ffn": 0.25,
             "recovery_epochs": 0.25,
+            # the bag of word pieces carries the specific findings: measured on held-out phrasings,
+            # macro-F1 encoder 0.610, lexical 0.731, both 0.770; test accuracy 0.635 -> 0.809
+            "lexical_dim": 256,
         },
     },
     # ``python -m training methods``: smaller data so that five methods run in reasonable time
