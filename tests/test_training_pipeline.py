@@ -60,6 +60,7 @@ def test_every_stage_ran_and_was_timed(pipeline_run):
     assert training["layers"] == [0]
     lexical = training["lexical"]
     assert lexical["dim"] == 32 and lexical["steps"] > 0 and lexical["used"] == (lexical["mix"] > 0)
+    assert ("Lexical branch:" in (dest / "MODEL_CARD.md").read_text()) == lexical["used"]
     assert row["method"] == "lora" and row["train_seconds"] > 0
 
 
@@ -117,3 +118,13 @@ def test_cli_rejects_an_unknown_method(tmp_path):
     run = subprocess.run([sys.executable, "-m", "training", "methods", "--task", "protocol", "--only", "magic",
                           "--registry", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "unknown method" in run.stderr and "qlora-4bit" in run.stderr
+
+
+def test_fractional_passes_train_on_a_fixed_random_sample():
+    from training.pipeline import _sample
+
+    picked = _sample(1000, 0.25, 32, seed=0)
+    assert len(picked) == 250 and picked == sorted(set(picked)) and picked == _sample(1000, 0.25, 32, seed=0)
+    assert picked != list(range(250)) and _sample(1000, 0.25, 32, seed=1) != picked
+    assert len(_sample(40, 0.1, 32, seed=0)) == 32  # at least one batch
+    assert _sample(10, 0.5, 32, seed=0) == list(range(10))

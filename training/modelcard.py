@@ -202,6 +202,9 @@ def render_model_card(manifest: dict, *, profile: str = "default") -> str:
         "- Calibration holds for data like the validation set; under distribution shift the probabilities are "
         "optimistic. Monitor the accept/override rate of the written suggestions.",
         "- English only; the input is truncated to the token limit above.",
+        *(["- The lexical branch only knows word pieces seen in training; a term a hospital writes differently "
+           "(a local abbreviation, a misspelling the generator never made) gets evidence from the encoder alone."]
+          if (train.get("lexical") or {}).get("used") else []),
         "- Automation bias: present suggestions as suggestions, with their alternatives.",
         "",
         "## AI Transparency on FHIR",
