@@ -63,10 +63,10 @@ class LexicalHead(nn.Module):
 @dataclass
 class LexicalConfig:
     dim: int = 256
-    epochs: int = 6
+    epochs: int = 10
     lr: float = 1e-2
     batch_size: int = 32
-    token_dropout: float = 0.25
+    token_dropout: float = 0.3
     seed: int = 0
     progress: bool = True
 

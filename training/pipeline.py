@@ -182,9 +182,8 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
         stage("distill", f"{model.encoder.config.num_hidden_layers} -> {student_layers} layers, T={dcfg.distill_temperature}, "
               f"alpha={dcfg.distill_alpha}, {_param_count(model) / 1e6:.1f}M -> {_param_count(student) / 1e6:.1f}M parameters")
         dis_x, dis_y = tr_x, tr_y
-        if dcfg.epochs < 1.0 and not dcfg.max_steps:  # one pass over a sample: teacher logits only for it
-            keep = _sample(len(tr_x), dcfg.epochs, int(p["batch_size"]), seed)
-            dis_x, dis_y, dcfg.epochs = [tr_x[i] for i in keep], [tr_y[i] for i in keep], 1.0
+        if not dcfg.max_steps:
+            dis_x, dis_y, dcfg.epochs = _fraction_of_an_epoch(tr_x, tr_y, dcfg.epochs, int(p["batch_size"]), seed)
         dres = distill(model, student, tokenizer, dis_x, dis_y, va_x, va_y, dcfg)
         stage("distill", f"{dres.steps} steps in {dres.seconds:.0f} s; best val macro-F1 {dres.best_val_macro_f1:.4f}")
         info["distill"] = {"student_layers": int(student_layers), "teacher_layers": info["layers"],
@@ -204,12 +203,8 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
         from training.finetune import encode, pad_id_of
         from training.prune import prune_encoder, recover
 
-        # recovery_epochs < 1: one pass over that fraction of the training set (a random sample), so the
-        # unpruned model's logits are only computed for the examples the recovery sees
-        fraction = float(p.get("recovery_epochs", 0.5))
-        rec_epochs, rec_idx = (1.0, _sample(len(tr_x), fraction, int(p["batch_size"]), seed)) if fraction < 1.0 \
-            else (fraction, list(range(len(tr_x))))
-        rec_x, rec_y = [tr_x[i] for i in rec_idx], [tr_y[i] for i in rec_idx]
+        rec_x, rec_y, rec_epochs = _fraction_of_an_epoch(tr_x, tr_y, float(p.get("recovery_epochs", 0.5)),
+                                                         int(p["batch_size"]), seed)
         before_logits = teacher_logits(model, tokenizer, rec_x)
         example_ids = encode(tokenizer, tr_x[:64])
         stats = prune_encoder(model, head_ratio=head_ratio, ffn_ratio=ffn_ratio, example_ids=example_ids,
@@ -240,13 +235,12 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
 def lexical_stage(model, p: dict, data: dict, tokenizer, seed: int, progress: bool, stage: Stages) -> dict:
     """Train a ``training.lexical.LexicalHead`` on the training split, choose its weight on the
     calibration set (held-out phrasings) against the trained encoder's logits, attach it to ``model``."""
-    import torch
-
     from training.finetune import encode, macro_f1, pad_id_of, predict_logits
     from training.lexical import LexicalConfig, LexicalHead, choose_mix, lexical_logits, train_lexical
 
-    cfg = LexicalConfig(dim=int(p["lexical_dim"]), epochs=int(p.get("lexical_epochs", 6)),
-                        lr=float(p.get("lexical_lr", 1e-2)), token_dropout=float(p.get("lexical_token_dropout", 0.25)),
+    cfg = LexicalConfig(dim=int(p["lexical_dim"]), epochs=int(p.get("lexical_epochs", LexicalConfig.epochs)),
+                        lr=float(p.get("lexical_lr", LexicalConfig.lr)),
+                        token_dropout=float(p.get("lexical_token_dropout", LexicalConfig.token_dropout)),
                         batch_size=int(p["batch_size"]), seed=seed, progress=progress)
     pad = pad_id_of(tokenizer)
     head = LexicalHead(tokenizer.get_vocab_size(), cfg.dim, len(data["labels"]), token_dropout=cfg.token_dropout)
@@ -277,6 +271,15 @@ def _sample(n: int, fraction: float, batch_size: int, seed: int) -> list[int]:
     """A sorted random ``fraction`` of ``range(n)`` (at least one batch)."""
     size = min(n, max(batch_size, int(fraction * n)))
     return sorted(np.random.default_rng(seed).permutation(n)[:size].tolist())
+
+
+def _fraction_of_an_epoch(texts: list, labels: list, epochs: float, batch_size: int, seed: int):
+    """(texts, labels, epochs) for a distillation/recovery run: below one epoch, one pass over a fixed
+    random sample of that size, so that the teacher's logits are only computed for what it trains on."""
+    if epochs >= 1.0:
+        return texts, labels, epochs
+    keep = _sample(len(texts), epochs, batch_size, seed)
+    return [texts[i] for i in keep], [labels[i] for i in keep], 1.0
 
 
 def _fmt_stats(stats: dict) -> str:
