@@ -38,6 +38,17 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return z
 
 
+def top_k_confidence(probs: np.ndarray, k: int = 1) -> np.ndarray:
+    """The probability mass of the ``k`` most probable labels of each row: the model's confidence
+    that the answer is among the ``k`` it lists (k = 1: the top-1 probability). The abstention
+    threshold (``calibration.abstain_below``) is fitted on, and applied to, this number."""
+    probs = np.asarray(probs)
+    k = max(1, min(int(k), probs.shape[-1]))
+    if k == 1:
+        return probs.max(axis=-1)
+    return -np.sort(-probs, axis=-1)[..., :k].sum(axis=-1)
+
+
 def session_options(threads: int = 1):
     import onnxruntime as ort
 
@@ -216,10 +227,9 @@ class TextClassifier:
 
         k = max(1, min(int(top_k), proba.shape[-1]))
         threshold = self.threshold
-        conf_k = max(1, min(self.manifest.calibration.confidence_top_k, proba.shape[-1]))
+        confidences = top_k_confidence(proba, self.manifest.calibration.confidence_top_k)
         results = []
-        for row in proba:
-            confidence = float(row.max()) if conf_k == 1 else float(-np.sort(-row)[:conf_k].sum())
+        for row, confidence in zip(proba, confidences):
             top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
             top = top[np.argsort(-row[top], kind="stable")]
             preds = [

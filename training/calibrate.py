@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from models.runtime import softmax
+from models.runtime import softmax, top_k_confidence  # the runtime's: calibrated and served alike
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -65,16 +65,6 @@ def expected_calibration_error(probs: np.ndarray, labels, n_bins: int = 15) -> f
         if inside.any():
             ece += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
     return float(ece)
-
-
-def top_k_confidence(probs: np.ndarray, k: int = 1) -> np.ndarray:
-    """The probability mass of the ``k`` most probable labels: the model's confidence that the
-    answer is among the ``k`` it lists (k = 1: the top-1 probability)."""
-    probs = np.asarray(probs)
-    k = max(1, min(int(k), probs.shape[1]))
-    if k == 1:
-        return probs.max(axis=1)
-    return -np.sort(-probs, axis=1)[:, :k].sum(axis=1)
 
 
 def top_k_correct(probs: np.ndarray, labels, k: int = 1) -> np.ndarray:
