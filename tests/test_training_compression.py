@@ -19,17 +19,9 @@ from models.runtime import OnnxTextEncoder
 from tests.test_training_finetune import LABELS, TEXTS
 from training.distill import distill, make_student, teacher_logits
 from training.export import check_export, export_onnx, parity, quantize, save_tokenizer
-from training.finetune import (
-    EncoderClassifier,
-    TrainConfig,
-    collate,
-    default_base_model,
-    encode,
-    load_tokenizer,
-    pad_id_of,
-    train,
-)
+from training.finetune import TrainConfig, train
 from training.losses import distillation_loss
+from training.model import EncoderClassifier, collate, default_base_model, encode, load_tokenizer, pad_id_of
 from training.prune import apply_structure, prune_encoder, recover, structure
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

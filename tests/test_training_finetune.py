@@ -14,17 +14,19 @@ from models.runtime import OnnxTextEncoder, softmax  # noqa: E402
 from training import calibrate as cal  # noqa: E402
 from training.export import check_export, export_onnx, parity, quantize, save_tokenizer  # noqa: E402
 from training.finetune import (  # noqa: E402
-    EncoderClassifier,
     TrainConfig,
     bucketed_batches,
     class_weight_vector,
+    lr_factor,
+    train,
+)
+from training.model import (  # noqa: E402
+    EncoderClassifier,
     default_base_model,
     encode,
     load_tokenizer,
-    lr_factor,
     pad_id_of,
     resolve_layers,
-    train,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

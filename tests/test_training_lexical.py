@@ -10,7 +10,8 @@ import torch
 from models.runtime import OnnxTextEncoder
 from tests.test_training_finetune import LABELS, TEXTS
 from training.export import check_export, export_onnx, parity, quantize, save_tokenizer
-from training.finetune import (
+from training.lexical import LexicalConfig, LexicalHead, choose_mix, lexical_logits, train_lexical
+from training.model import (
     EncoderClassifier,
     collate,
     default_base_model,
@@ -19,7 +20,6 @@ from training.finetune import (
     pad_id_of,
     predict_logits,
 )
-from training.lexical import LexicalConfig, LexicalHead, choose_mix, lexical_logits, train_lexical
 
 MAX_LENGTH = 32
 

@@ -19,23 +19,24 @@ import torch.nn.functional as F
 
 from tests.test_training_finetune import LABELS, TEXTS
 from training import finetune
+from training.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST, load_checkpoint
 from training.finetune import (
-    CHECKPOINT_BEST,
-    CHECKPOINT_LAST,
-    EncoderClassifier,
     TrainBatches,
     TrainConfig,
-    collate,
-    default_base_model,
-    encode,
-    load_tokenizer,
     make_optimizer,
-    pad_id_of,
-    predict_logits,
     sampler_weights,
     train,
 )
 from training.losses import distillation_loss, focal_loss
+from training.model import (
+    EncoderClassifier,
+    collate,
+    default_base_model,
+    encode,
+    load_tokenizer,
+    pad_id_of,
+    predict_logits,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -243,7 +244,7 @@ def test_checkpoint_resume_continues_from_the_saved_step(full_ce, base_classifie
     with pytest.raises(_Interrupted):
         train(copy.deepcopy(base_classifier), tok, TEXTS, LABELS, TEXTS, LABELS, cfg)
     assert (tmp_path / CHECKPOINT_LAST).is_file() and (tmp_path / CHECKPOINT_BEST).is_file()
-    assert finetune.load_checkpoint(tmp_path / CHECKPOINT_LAST)["loop"]["step"] == 10
+    assert load_checkpoint(tmp_path / CHECKPOINT_LAST)["loop"]["step"] == 10
     monkeypatch.setattr(finetune, "save_checkpoint", real_save)
 
     resumed = train(copy.deepcopy(base_classifier), tok, TEXTS, LABELS, TEXTS, LABELS, tiny_config(
@@ -251,7 +252,7 @@ def test_checkpoint_resume_continues_from_the_saved_step(full_ce, base_classifie
     assert resumed.start_step == 10 and resumed.steps == 20
     np.testing.assert_allclose(resumed.losses, reference.losses, rtol=1e-4, atol=1e-6)
     assert [h["step"] for h in resumed.history] == [10, 20]
-    assert finetune.load_checkpoint(tmp_path / CHECKPOINT_LAST)["loop"]["step"] == 20
+    assert load_checkpoint(tmp_path / CHECKPOINT_LAST)["loop"]["step"] == 20
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,20 +1,16 @@
-"""Parameter-efficient fine-tuning of an :class:`training.finetune.EncoderClassifier`: LoRA, and
+"""Parameter-efficient fine-tuning of an :class:`training.model.EncoderClassifier`: LoRA, and
 QLoRA (LoRA on an encoder loaded in 4-bit NF4 or 8-bit by bitsandbytes).
 
 - :func:`apply_lora` wraps ``model.encoder`` with peft LoRA adapters; afterwards only the
   adapters and the classifier head require gradients, which is all ``finetune.train`` updates.
-- :func:`load_quantized_encoder_classifier` loads any local Hugging Face encoder folder with a
-  ``BitsAndBytesConfig`` (the head, outside the encoder, stays fp32);
+- ``EncoderClassifier.from_pretrained(..., quantization=Quantization(bits=4))`` loads any local
+  Hugging Face encoder folder in 4 or 8 bits (the head, outside the encoder, stays fp32);
   :func:`load_qlora_classifier` adds ``prepare_model_for_kbit_training`` and LoRA.
 - :func:`merge_for_export` gives back a plain fp32 ``EncoderClassifier`` (LoRA merged into the
   fp32 base weights) that ``training.export.export_onnx`` exports like any other.
 
 bitsandbytes on the CPU (0.50): 4-bit NF4 with double quantization, 8-bit, and LoRA training on
-them work. One trap: on CPUs with AVX512-BF16 a 4-bit layer repacks its weight into an
-inference-only layout on its first eval forward without gradients, and then fails in training
-("a view of a leaf Variable ... in-place operation"). :func:`keep_4bit_layers_trainable` turns
-that repacking off (``finetune.train`` calls it before any forward, so the prototype head init and
-the validation passes are safe).
+them work (see ``training.model.keep_4bit_layers_trainable`` for the one trap).
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.finetune import EncoderClassifier, resolve_layers, truncate_encoder
+from training.model import EncoderClassifier, Quantization
 
 log = logging.getLogger("training")
 
@@ -123,79 +118,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 # quantized encoders (QLoRA)
 
 
-def quantization_config(bits: int, *, double_quant: bool = True, quant_type: str = "nf4",
-                        compute_dtype: torch.dtype = torch.float32):
-    """The transformers ``BitsAndBytesConfig`` for a 4-bit (NF4/FP4, optional double quantization
-    of the block scales) or 8-bit (LLM.int8) encoder."""
-    from transformers import BitsAndBytesConfig
-
-    if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"bits must be 4 or 8, got {bits}")
-
-
-def keep_4bit_layers_trainable(model: nn.Module) -> int:
-    """Stop bitsandbytes' 4-bit layers from repacking their weights into the CPU inference layout
-    (which cannot train), and undo that repacking where it already happened. Returns how many
-    layers were unpacked."""
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-    except ImportError:
-        return 0
-    unpacked = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        module.support_avx512bf16_for_cpu = False
-        state = getattr(module.weight, "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False):
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state)
-            unpacked += 1
-    if unpacked:
-        log.warning("%d 4-bit layers had been repacked for CPU inference by an eval forward; unpacked them "
-                    "(block scales re-quantized, tiny drift) so that they can train", unpacked)
-    return unpacked
-
-
-def load_quantized_encoder_classifier(
-    base_model: str | Path,
-    num_labels: int,
-    bits: int = 4,
-    num_layers: int | Sequence[int] | None = None,
-    double_quant: bool = True,
-    quant_type: str = "nf4",
-    compute_dtype: torch.dtype = torch.float32,
-    *,
-    layer_strategy: str = "spread",
-    dropout: float = 0.1,
-) -> EncoderClassifier:
-    """An ``EncoderClassifier`` whose encoder (any local Hugging Face folder) is loaded in 4-bit
-    (NF4 + double quantization by default) or 8-bit by bitsandbytes, truncated to ``num_layers``
-    like ``EncoderClassifier.from_pretrained``. The head is a plain fp32 ``nn.Linear``. Train it
-    through :func:`load_qlora_classifier` (or ``prepare_for_kbit_training`` + ``apply_lora``)."""
-    from transformers import AutoConfig, AutoModel
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = AutoConfig.from_pretrained(str(base_model))
-    keep = resolve_layers(config.num_hidden_layers, num_layers, layer_strategy)
-    encoder = AutoModel.from_pretrained(
-        str(base_model), config=config,
-        quantization_config=quantization_config(bits, double_quant=double_quant, quant_type=quant_type,
-                                                compute_dtype=compute_dtype))
-    truncate_encoder(encoder, keep)
-    keep_4bit_layers_trainable(encoder)
-    model = EncoderClassifier(encoder, num_labels, dropout=dropout)
-    model.kept_layers = keep
-    model.base_model_path = str(base_model)
-    model.quantized_bits = bits
-    return model
-
-
 def prepare_for_kbit_training(model: EncoderClassifier, gradient_checkpointing: bool = False) -> EncoderClassifier:
     """peft's ``prepare_model_for_kbit_training`` on the encoder: freezes it and keeps norms in
     fp32. Gradient checkpointing works on the CPU too but costs about a third more compute for
@@ -219,12 +141,15 @@ def load_qlora_classifier(
     dropout: float = 0.05,
     target_modules: Sequence[str] | None = None,
     gradient_checkpointing: bool = False,
+    layer_strategy: str = "spread",
     **quantization,
 ) -> EncoderClassifier:
-    """QLoRA: :func:`load_quantized_encoder_classifier` + :func:`prepare_for_kbit_training` +
-    :func:`apply_lora`. ``quantization``: ``double_quant``, ``quant_type``, ``compute_dtype``,
-    ``layer_strategy``, ``dropout`` (the classifier's)."""
-    model = load_quantized_encoder_classifier(base_model, num_labels, bits, num_layers, **quantization)
+    """QLoRA: ``EncoderClassifier.from_pretrained`` with ``Quantization(bits, **quantization)``
+    (``double_quant``, ``quant_type``, ``compute_dtype``) + :func:`prepare_for_kbit_training` +
+    :func:`apply_lora` (``r``, ``alpha``, ``dropout``, ``target_modules``)."""
+    model = EncoderClassifier.from_pretrained(base_model, num_labels, num_layers=num_layers,
+                                              layer_strategy=layer_strategy,
+                                              quantization=Quantization(bits, **quantization))
     prepare_for_kbit_training(model, gradient_checkpointing)
     return apply_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
 
@@ -234,22 +159,19 @@ def load_qlora_classifier(
 
 
 def _plain_classifier(encoder: nn.Module, like: EncoderClassifier) -> EncoderClassifier:
-    """A new ``EncoderClassifier`` on ``encoder`` with ``like``'s head (copied) and attributes."""
-    plain = EncoderClassifier(encoder, like.head.out_features, dropout=like.dropout.p)
+    """A new ``EncoderClassifier`` on ``encoder`` with ``like``'s head (copied) and provenance."""
+    plain = EncoderClassifier(encoder, like.head.out_features, dropout=like.dropout.p,
+                              kept_layers=like.kept_layers, base_model_path=like.base_model_path)
     plain.head.load_state_dict({k: v.detach().float() for k, v in like.head.state_dict().items()})
-    for attr in ("kept_layers", "base_model_path"):
-        if hasattr(like, attr):
-            setattr(plain, attr, copy.copy(getattr(like, attr)))
     return plain.eval()
 
 
 def _reload_fp32_encoder(model: EncoderClassifier) -> nn.Module:
-    base = getattr(model, "base_model_path", None)
-    if not base:
+    if not model.base_model_path:
         raise ValueError("merging a quantized model needs its fp32 base: build it with "
-                         "load_quantized_encoder_classifier (which records base_model_path)")
-    fp32 = EncoderClassifier.from_pretrained(base, model.head.out_features, num_layers=model.kept_layers,
-                                             dropout=model.dropout.p)
+                         "EncoderClassifier.from_pretrained (which records base_model_path)")
+    fp32 = EncoderClassifier.from_pretrained(model.base_model_path, model.head.out_features,
+                                             num_layers=model.kept_layers, dropout=model.dropout.p)
     return fp32.encoder
 
 

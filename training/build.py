@@ -269,7 +269,7 @@ def build_task(task: str, registry: str | Path, **kwargs) -> tuple[Path, dict]:
 
 def base_model_name(base: Path) -> str:
     try:
-        from training.finetune import default_base_model
+        from training.model import default_base_model
 
         if base.resolve() == default_base_model().resolve():
             return "sentence-transformers/all-MiniLM-L6-v2"

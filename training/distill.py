@@ -19,17 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.finetune import (
-    EncoderClassifier,
-    TrainConfig,
-    TrainResult,
-    _layer_list,
-    encode,
-    pad_id_of,
-    predict_logits,
-    resolve_layers,
-    train,
-)
+from training.finetune import TrainConfig, TrainResult, train
+from training.model import EncoderClassifier, encode, layer_list, pad_id_of, predict_logits, resolve_layers
 
 log = logging.getLogger("training")
 
@@ -43,7 +34,7 @@ def teacher_logits(
 
 
 def _layers(model: EncoderClassifier):
-    layers, _ = _layer_list(model.encoder, model.encoder.config.num_hidden_layers)
+    layers, _ = layer_list(model.encoder, model.encoder.config.num_hidden_layers)
     return layers
 
 
@@ -93,7 +84,7 @@ def make_student(
     _copy_module(teacher.encoder.embeddings, student.encoder.embeddings, "embeddings")
     _copy_module(teacher.head, student.head, "head")
     # which layers of the base model the student's weights descend from
-    base_indices = getattr(teacher, "kept_layers", list(range(len(teacher_layers))))
+    base_indices = teacher.kept_layers or list(range(len(teacher_layers)))
     student.kept_layers = [base_indices[i] for i in picks]
     log.info("make_student: %d of %d teacher layers (%s), embeddings and head copied",
              len(picks), len(teacher_layers), picks)

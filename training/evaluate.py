@@ -17,6 +17,13 @@ from models.runtime import OnnxTextEncoder, softmax
 from training.calibrate import expected_calibration_error, nll, selective
 
 
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Unweighted mean of the per-class F1 over the classes present in either (0 where undefined)."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
 def classification_metrics(logits: np.ndarray, labels, *, temperature: float = 1.0, ks=(3, 5)) -> dict:
     from sklearn.metrics import f1_score
 
@@ -27,7 +34,7 @@ def classification_metrics(logits: np.ndarray, labels, *, temperature: float = 1
     out = {
         "n": int(len(labels)),
         "accuracy": float(np.mean(pred == labels)) if len(labels) else float("nan"),
-        "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)) if len(labels) else float("nan"),
+        "macro_f1": macro_f1(labels, pred) if len(labels) else float("nan"),
         "weighted_f1": float(f1_score(labels, pred, average="weighted", zero_division=0)) if len(labels) else float("nan"),
     }
     order = np.argsort(-probs, axis=1)

@@ -1,4 +1,4 @@
-"""ONNX export and int8 quantization of a trained :class:`training.finetune.EncoderClassifier`.
+"""ONNX export and int8 quantization of a trained :class:`training.model.EncoderClassifier`.
 
 - ``export_onnx``: TorchScript-based exporter (``dynamo=False``: one self-contained file, no
   external ``.data``), inputs ``input_ids`` and ``attention_mask`` (int64, dynamic batch and
@@ -90,7 +90,7 @@ def check_export(model, onnx_path: str | Path, ids: Sequence[Sequence[int]], pad
     """Max |torch - onnx fp32| logit difference on ``ids``; raises if above ``atol``."""
     import onnxruntime as ort
 
-    from training.finetune import collate
+    from training.model import collate
 
     input_ids, mask = collate(ids, pad_id)
     with torch.no_grad():

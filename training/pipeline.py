@@ -70,7 +70,8 @@ class Stages:
 
 def train_config(p: dict, seed: int, progress: bool, **overrides):
     """A ``TrainConfig`` from profile values (``overrides`` win)."""
-    from training.finetune import TrainConfig, bf16_supported
+    from training.finetune import TrainConfig
+    from training.model import bf16_supported
 
     values = dict(
         epochs=float(p.get("epochs") or 1.0),
@@ -110,7 +111,7 @@ def train_config(p: dict, seed: int, progress: bool, **overrides):
 def build_model(method: str, base: Path, num_labels: int, p: dict):
     """The model to train for ``method``: a plain (truncated) encoder classifier, with LoRA adapters
     for ``lora``, on a 4-bit NF4 / 8-bit base for ``qlora`` / ``8bit``."""
-    from training.finetune import EncoderClassifier
+    from training.model import EncoderClassifier, Quantization
 
     if method not in METHODS:
         raise ValueError(f"unknown training method {method!r} (choose from {', '.join(METHODS)})")
@@ -123,11 +124,11 @@ def build_model(method: str, base: Path, num_labels: int, p: dict):
 
             model = apply_lora(model, **lora)
         return model
-    from training.adapters import apply_lora, load_quantized_encoder_classifier, prepare_for_kbit_training
+    from training.adapters import apply_lora, prepare_for_kbit_training
 
-    model = load_quantized_encoder_classifier(base, num_labels, bits=4 if method == "qlora" else 8,
-                                              num_layers=p["num_layers"], layer_strategy=p["layer_strategy"],
-                                              dropout=p["dropout"])
+    model = EncoderClassifier.from_pretrained(base, num_labels, num_layers=p["num_layers"],
+                                              layer_strategy=p["layer_strategy"], dropout=p["dropout"],
+                                              quantization=Quantization(bits=4 if method == "qlora" else 8))
     prepare_for_kbit_training(model)
     return apply_lora(model, **lora)
 
@@ -153,7 +154,7 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
     from training.adapters import trainable_parameters
 
     trainable, total = trainable_parameters(model)
-    stage("train", f"{method} on {base.name}: layers {list(getattr(model, 'kept_layers', []))}, "
+    stage("train", f"{method} on {base.name}: layers {model.kept_layers or []}, "
           f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable, batch {cfg.batch_size}, "
           f"loss {cfg.loss}, sampler {cfg.sampler or 'none'}")
     result = train(model, tokenizer, tr_x, tr_y, va_x, va_y, cfg, desc=f"train {task} ({method})")
@@ -167,7 +168,7 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
 
         model = merge_for_export(model)
         stage("train", f"adapters merged into an fp32 model for export ({_param_count(model) / 1e6:.1f}M parameters)")
-    info["layers"] = list(getattr(model, "kept_layers", []))
+    info["layers"] = list(model.kept_layers or [])
     stage.done("train")
 
     # distill ------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
                            "best_val_macro_f1": round(dres.best_val_macro_f1, 6),
                            "temperature": dcfg.distill_temperature, "alpha": dcfg.distill_alpha}
         model = student
-        info["layers"] = list(getattr(student, "kept_layers", []))
+        info["layers"] = list(student.kept_layers or [])
         stage.done("distill")
     else:
         stage.skip("distill", "no student_layers in the profile")
@@ -200,7 +201,7 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
     head_ratio, ffn_ratio = float(p.get("prune_heads", 0.0)), float(p.get("prune_ffn", 0.0))
     if head_ratio > 0 or ffn_ratio > 0:
         from training.distill import teacher_logits
-        from training.finetune import encode, pad_id_of
+        from training.model import encode, pad_id_of
         from training.prune import prune_encoder, recover
 
         rec_x, rec_y, rec_epochs = _fraction_of_an_epoch(tr_x, tr_y, float(p.get("recovery_epochs", 0.5)),
@@ -235,7 +236,8 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
 def lexical_stage(model, p: dict, data: dict, tokenizer, seed: int, progress: bool, stage: Stages) -> dict:
     """Train a ``training.lexical.LexicalHead`` on the training split, choose its weight on the
     calibration set (held-out phrasings) against the trained encoder's logits, attach it to ``model``."""
-    from training.finetune import encode, macro_f1, pad_id_of, predict_logits
+    from training.evaluate import macro_f1
+    from training.model import encode, pad_id_of, predict_logits
     from training.lexical import LexicalConfig, LexicalHead, choose_mix, lexical_logits, train_lexical
 
     cfg = LexicalConfig(dim=int(p["lexical_dim"]), epochs=int(p.get("lexical_epochs", LexicalConfig.epochs)),
@@ -342,7 +344,7 @@ def run_pipeline(
     from training import evaluate as ev
     from training.build import MODEL_NAMES, base_model_name, labels_json, new_version, resolve_profile, setup_logging
     from training.export import check_export, export_onnx, parity, quantize, save_tokenizer
-    from training.finetune import default_base_model, encode, load_tokenizer, pad_id_of
+    from training.model import default_base_model, encode, load_tokenizer, pad_id_of
     from training.modelcard import render_model_card
 
     setup_logging(progress)

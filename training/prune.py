@@ -1,4 +1,4 @@
-"""Structured pruning of a fine-tuned :class:`training.finetune.EncoderClassifier`, then a short
+"""Structured pruning of a fine-tuned :class:`training.model.EncoderClassifier`, then a short
 recovery fine-tune.
 
 What is removed, inside every transformer block and nowhere else:
@@ -33,15 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.finetune import (
-    EncoderClassifier,
-    TrainConfig,
-    TrainResult,
-    _layer_list,
-    collate,
-    predict_logits,
-    train,
-)
+from training.finetune import TrainConfig, TrainResult, train
+from training.model import EncoderClassifier, collate, layer_list, predict_logits
 
 log = logging.getLogger("training")
 
@@ -54,7 +47,7 @@ IMPORTANCES = ("magnitude", "taylor")
 
 def encoder_layers(model: EncoderClassifier) -> list[nn.Module]:
     """The transformer blocks of ``model``, checked to have the BERT layout pruning relies on."""
-    layers, _ = _layer_list(model.encoder, model.encoder.config.num_hidden_layers)
+    layers, _ = layer_list(model.encoder, model.encoder.config.num_hidden_layers)
     for layer in layers:
         attention = getattr(getattr(layer, "attention", None), "self", None)
         if not all(hasattr(attention, name) for name in ("query", "key", "value")) or not hasattr(

@@ -667,7 +667,7 @@ def export_base_encoder(base_model_dir: str | Path, out_dir: str | Path, max_len
     if onnx_path.is_file() and tokenizer_path.is_file():
         return onnx_path, tokenizer_path
     from training.export import check_export, export_onnx, save_tokenizer
-    from training.finetune import EncoderClassifier, encode, load_tokenizer, pad_id_of
+    from training.model import EncoderClassifier, encode, load_tokenizer, pad_id_of
 
     class MeanPooledEncoder(EncoderClassifier):
         """The classifier's encoder and pooling without its head: the sentence embedding."""
@@ -713,7 +713,7 @@ def general_baseline(
     seed: int = 0,
 ) -> dict:
     """The "general base model fp32" reference: the unchanged base sentence encoder
-    (``training.finetune.default_base_model()`` when ``base_model_dir`` is None: all 6 MiniLM
+    (``training.model.default_base_model()`` when ``base_model_dir`` is None: all 6 MiniLM
     layers, fp32, mean pooling, exported to ONNX and run with ONNX Runtime like the served models)
     as a frozen feature extractor, L2-normalised embeddings as sentence-transformers makes them,
     and a logistic-regression head fitted on at most ``max_train`` training examples
@@ -733,7 +733,7 @@ def general_baseline(
     from sklearn.preprocessing import Normalizer, StandardScaler
 
     if base_model_dir is None:
-        from training.finetune import default_base_model
+        from training.model import default_base_model
 
         base_model_dir = default_base_model()
     y_train, y_test = np.asarray(y_train, dtype=np.int64), np.asarray(y_test, dtype=np.int64)
