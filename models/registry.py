@@ -354,6 +354,17 @@ class ModelRegistry:
         return verify_version_dir(path, task=task, version=path.name)
 
     # -- writing -----------------------------------------------------------------------------
+    def new_version(self, task: str, now: datetime | None = None) -> str:
+        """A version name for ``task`` that is not taken yet: the UTC time ``YYYYmmdd.HHMMSS``, with
+        ``.1``, ``.2``... appended when a build in the same second already took it."""
+        base = (now or datetime.now(timezone.utc)).strftime("%Y%m%d.%H%M%S")
+        existing = set(self.versions(task))
+        version, n = base, 1
+        while version in existing or (self.root / task / version).exists():
+            version = f"{base}.{n}"
+            n += 1
+        return version
+
     def publish(
         self, task: str, version: str, src_dir: str | Path, make_current: bool = True, *, overwrite: bool = False
     ) -> Path:

@@ -112,7 +112,7 @@ def test_cli_rejects_an_unknown_profile():
 
 
 def test_profiles_are_plain_values():
-    from training.build import PROFILES
+    from training.profiles import PROFILES
 
     assert set(PROFILES) >= {"default", "tiny"}
     json.dumps(PROFILES)

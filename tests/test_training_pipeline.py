@@ -37,11 +37,11 @@ ALL_STAGES = {
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    from training.build import resolve_profile
     from training.pipeline import run_pipeline
+    from training.profiles import Profile, resolve_profile
 
     root = tmp_path_factory.mktemp("pipeline-registry")
-    profile = {"protocol": {**resolve_profile("tiny", "protocol"), **ALL_STAGES}}
+    profile = {"protocol": Profile.from_values({**ALL_STAGES, "name": "custom"}, base=resolve_profile("tiny", "protocol"))}
     dest, row = run_pipeline("protocol", root, profile=profile, seed=0, progress=False)
     return root, dest, row
 

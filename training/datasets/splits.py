@@ -1,0 +1,41 @@
+"""The train / val / test (and calibration) splits a pipeline run trains and evaluates on."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from schemas.tasks import TASKS
+from training.datasets.common import Dataset, Split
+
+if TYPE_CHECKING:
+    from training.profiles import Profile
+
+# the calibration sample is drawn with this seed offset, so it shares no example with test
+CALIBRATION_SEED_OFFSET = 7919
+
+
+def load_splits(task: str, p: Profile, seed: int) -> dict[str, Dataset]:
+    """train / val / test, plus ``calib`` when ``calibration_split`` is ``heldout``: a second sample
+    of the test generator (held-out phrasings, another seed, no example shared with test), so the
+    temperature and threshold are fitted on text that differs from training the way real orders do."""
+    heldout = p.calibration_split == "heldout"
+    if task == "protocol":
+        from training.datasets import protocol
+
+        sizes: dict[Split, int] = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
+        out = {s: protocol.generate(n, seed=seed, split=s) for s, n in sizes.items()}
+        if heldout:
+            out["calib"] = protocol.generate(p.n_val, seed=seed + CALIBRATION_SEED_OFFSET, split="test")
+        return out
+    if task == "diagnosis":
+        from training.datasets import diagnosis
+
+        def gen(n: int, split: Split, s: int) -> Dataset:
+            return diagnosis.generate(n, seed=s, split=split, max_diseases=p.max_diseases)
+
+        per_disease: dict[Split, int] = {"train": p.n_train_per_disease, "val": p.n_val_per_disease, "test": p.n_test_per_disease}
+        out = {s: gen(n, s, seed) for s, n in per_disease.items()}
+        if heldout:
+            out["calib"] = gen(p.n_val_per_disease, "test", seed + CALIBRATION_SEED_OFFSET)
+        return out
+    raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
