@@ -121,7 +121,7 @@ def test_cli_rejects_an_unknown_method(tmp_path):
 
 
 def test_fractional_passes_train_on_a_fixed_random_sample():
-    from training.pipeline import _sample
+    from training.stages import sample_indices as _sample
 
     picked = _sample(1000, 0.25, 32, seed=0)
     assert len(picked) == 250 and picked == sorted(set(picked)) and picked == _sample(1000, 0.25, 32, seed=0)

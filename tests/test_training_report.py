@@ -10,24 +10,23 @@ import numpy as np
 import pytest
 
 from models import ModelRegistry
+from training.baseline import general_baseline, stratified_subsample
 from training.calibrate import expected_calibration_error
-from training.report import (
-    comparison_table,
-    confusion_matrix_png,
-    evaluation_report,
-    general_baseline,
+from training.evaluate import (
     macro_f1_over,
-    method_table,
-    most_confused_classes,
     peak_rss_mb,
     per_class_metrics,
     rare_class_f1,
     rare_classes,
     reliability_bins,
+)
+from training.plots import (
+    confusion_matrix_png,
+    most_confused_classes,
     reliability_diagram_png,
     shown_confusion,
-    stratified_subsample,
 )
+from training.report import comparison_table, evaluation_report, method_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -22,10 +22,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from training.model import EncoderClassifier, Quantization
+from training.model import EncoderClassifier, Quantization, count_parameters
 
 log = logging.getLogger("training")
 
@@ -104,14 +103,8 @@ def apply_lora(
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts; a 4-bit weight counts as its unpacked size."""
-    trainable = total = 0
-    for param in model.parameters():
-        shape = getattr(getattr(param, "quant_state", None), "shape", None)  # Params4bit packs 2 per byte
-        n = int(torch.Size(shape).numel()) if shape is not None else param.numel()
-        total += n
-        trainable += n if param.requires_grad else 0
-    return trainable, total
+    """``(trainable, total)`` parameter counts (:func:`training.model.count_parameters`)."""
+    return count_parameters(model, trainable_only=True), count_parameters(model)
 
 
 # ---------------------------------------------------------------------------------------------

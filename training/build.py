@@ -17,8 +17,9 @@ from typing import Any
 
 from schemas.tasks import TASKS
 from training.evaluate import summary_table
-from training.pipeline import run_pipeline, setup_logging
+from training.pipeline import run_pipeline
 from training.profiles import Profile
+from training.stages import setup_logging
 
 log = logging.getLogger("training")
 

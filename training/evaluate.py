@@ -1,20 +1,34 @@
-"""Evaluation: accuracy, macro-F1, top-k, calibration, fp32 vs int8, latency and size.
+"""Evaluation: accuracy, macro-F1, per-class and rare-class metrics, top-k, calibration, fp32 vs
+int8, and the serving cost (latency, size, peak memory of a fresh process).
 
-Everything here runs the exported ONNX models through :class:`models.runtime.OnnxTextEncoder`
-(the serving code path), not PyTorch.
+Everything that runs a model here runs the exported ONNX models through
+:class:`models.runtime.OnnxTextEncoder` (the serving code path), not PyTorch.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
+from models.measure import percentile
 from models.runtime import OnnxTextEncoder, softmax
 from training.calibrate import expected_calibration_error, nll, selective
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# the share of classes, fewest training examples first, that count as rare
+RARE_FRACTION = 0.2
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -46,6 +60,103 @@ def classification_metrics(logits: np.ndarray, labels, *, temperature: float = 1
     return out
 
 
+def per_class_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str], train_support: Sequence[int] | None = None
+) -> list[dict]:
+    """One dict per class, in class-id order.
+
+    Keys: ``index``, ``label`` (the name given), ``precision``, ``recall``, ``f1``, ``support`` (test
+    examples of the class), ``predicted`` (test examples predicted as the class), ``train_support``
+    (None when not given) and ``evaluated``: False for a class with neither test examples nor
+    predictions, whose precision/recall/F1 are undefined (reported as 0).
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    n = len(labels)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=np.arange(n), zero_division=0
+    )
+    predicted = np.bincount(y_pred, minlength=n)[:n]
+    rows = []
+    for i, name in enumerate(labels):
+        rows.append({
+            "index": i,
+            "label": str(name),
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+            "predicted": int(predicted[i]),
+            "train_support": None if train_support is None else int(train_support[i]),
+            "evaluated": bool(support[i] > 0 or predicted[i] > 0),
+        })
+    return rows
+
+
+def rare_classes(support: Sequence[int], fraction: float = RARE_FRACTION) -> np.ndarray:
+    """Indices of the classes in the bottom ``fraction`` by ``support`` (ascending).
+
+    Pass the TRAINING support when there is one (what makes a class rare is how little the model
+    saw of it); the test support otherwise. ``k = ceil(fraction * n_classes)`` (at least one) and
+    the cutoff is the k-th smallest support; every class with support <= the cutoff is rare, so
+    classes tied at the cutoff are all in: the set can hold more than k classes, never fewer.
+    Example: supports [50, 40, 30, 5, 3], fraction 0.2 -> k = 1, cutoff 3 -> class 4.
+    """
+    support = np.asarray(support)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if support.ndim != 1 or len(support) == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = max(1, math.ceil(fraction * len(support) - 1e-9))  # the epsilon keeps 0.2 * 5 at 1, not 2
+    cutoff = np.sort(support)[k - 1]
+    return np.flatnonzero(support <= cutoff)
+
+
+def macro_f1_over(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[int]) -> float:
+    """Macro-F1 over ``classes`` only, skipping those with neither test examples nor predictions
+    (undefined F1; sklearn's macro-F1 skips them the same way); NaN when none is left."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    classes = np.asarray(classes, dtype=np.int64)
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if len(classes) == 0:
+        return float("nan")
+    _, _, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
+    predicted = np.isin(classes, y_pred)
+    defined = (support > 0) | predicted
+    return float(f1[defined].mean()) if defined.any() else float("nan")
+
+
+def rare_class_f1(
+    y_true: Sequence[int], y_pred: Sequence[int], support: Sequence[int], fraction: float = RARE_FRACTION
+) -> float:
+    """Macro-F1 over :func:`rare_classes` of ``support`` (one count per class, training support
+    preferred): how the model does on the classes it saw least."""
+    return macro_f1_over(y_true, y_pred, rare_classes(support, fraction))
+
+
+def reliability_bins(probs: np.ndarray, y_true: Sequence[int], n_bins: int = 15) -> dict:
+    """Top-1 confidence bins as :func:`training.calibrate.expected_calibration_error` cuts them
+    (equal width, ``(lo, hi]``, the first one closed): ``count``, mean ``confidence`` and
+    ``accuracy`` per bin (NaN for empty bins) and the bin ``edges``."""
+    probs = np.asarray(probs)
+    conf = probs.max(axis=1) if len(probs) else np.zeros(0)
+    correct = (probs.argmax(axis=1) == np.asarray(y_true)) if len(probs) else np.zeros(0)
+    index = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(index, weights=correct.astype(np.float64), minlength=n_bins) / count
+        confidence = np.bincount(index, weights=conf, minlength=n_bins) / count
+    return {
+        "n_bins": n_bins,
+        "edges": np.linspace(0.0, 1.0, n_bins + 1),
+        "count": count.astype(np.int64),
+        "confidence": confidence,
+        "accuracy": accuracy,
+    }
+
+
 def evaluate_onnx(
     encoder: OnnxTextEncoder, texts: Sequence[str], labels, *, temperature: float = 1.0, threshold: float | None = None,
     confidence_top_k: int = 1,
@@ -57,10 +168,6 @@ def evaluate_onnx(
         metrics["selective"] = {"coverage": sel["coverage"], "precision": sel["precision"], "threshold": threshold,
                                 "confidence_top_k": confidence_top_k}
     return metrics, logits
-
-
-def _pct(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 def latency(encoder: OnnxTextEncoder, texts: Sequence[str], *, n: int = 300, seed: int = 0) -> dict:
@@ -88,11 +195,11 @@ def latency(encoder: OnnxTextEncoder, texts: Sequence[str], *, n: int = 300, see
     return {
         "threads": encoder.threads,
         "n": len(sample),
-        "p50_ms": round(_pct(times, 50), 3),
-        "p95_ms": round(_pct(times, 95), 3),
+        "p50_ms": round(percentile(times, 50), 3),
+        "p95_ms": round(percentile(times, 95), 3),
         "mean_ms": round(float(np.mean(times)), 3) if len(times) else float("nan"),
         "tokens_p50": float(np.median(tokens)) if tokens else float("nan"),
-        "tokens_p95": _pct(np.asarray(tokens), 95),
+        "tokens_p95": percentile(np.asarray(tokens), 95),
         "p50_ms_by_tokens": by_tokens,
     }
 
@@ -100,6 +207,82 @@ def latency(encoder: OnnxTextEncoder, texts: Sequence[str], *, n: int = 300, see
 def sizes(fp32_path: Path, int8_path: Path) -> dict:
     a, b = Path(fp32_path).stat().st_size, Path(int8_path).stat().st_size
     return {"fp32_bytes": a, "int8_bytes": b, "int8_over_fp32": round(b / a, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# serving footprint
+
+# Run in a fresh interpreter: what a worker process pays to load the model and run texts. The
+# texts come from a file (argv would expose them in the process list); only a number is printed.
+# On Linux the peak is VmHWM of /proc/self/status, not getrusage's ru_maxrss: execve carries the
+# parent's high-water mark into ru_maxrss (a child of a 400 MB process reports >= 400 MB), while
+# VmHWM belongs to the fresh address space.
+_RSS_PROBE = """
+import json, resource, sys
+from models.runtime import OnnxTextEncoder
+model_path, tokenizer_path, max_length, texts_path, batch_size = sys.argv[1:6]
+with open(texts_path, encoding="utf-8") as f:
+    texts = json.load(f)
+encoder = OnnxTextEncoder(model_path, tokenizer_path, int(max_length), threads=1)
+if texts:
+    encoder.logits(texts, batch_size=int(batch_size))
+try:
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+print(peak)
+"""
+
+
+def peak_rss_mb(
+    model_path: str | Path,
+    tokenizer_path: str | Path,
+    max_length: int,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    timeout: float = 600,
+) -> float:
+    """Peak resident memory (MB, 10^6 bytes) of a fresh Python process that imports
+    ``models.runtime``, loads the model with ``OnnxTextEncoder(threads=1)`` and runs ``texts``
+    (batches of ``batch_size``, as ``TextClassifier.predict``): the serving footprint, interpreter
+    and ONNX Runtime included, whatever the calling (training) process holds."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    with tempfile.TemporaryDirectory(prefix="ehrw-rss-") as tmp:  # mode 0700: the texts stay private
+        texts_file = Path(tmp) / "texts.json"
+        texts_file.write_text(json.dumps([str(t) for t in texts]), encoding="utf-8")
+        args = [str(model_path), str(tokenizer_path), str(int(max_length)), str(texts_file), str(int(batch_size))]
+        proc = subprocess.run([sys.executable, "-c", _RSS_PROBE, *args], capture_output=True, text=True, check=False,
+                              cwd=REPO_ROOT, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]  # the error line only, never texts
+        raise RuntimeError(f"peak-RSS probe of {model_path} failed (exit {proc.returncode}): {last}")
+    return round(int(proc.stdout.strip().splitlines()[-1]) / 1e6, 1)
+
+
+def sample_texts(texts: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    texts = list(texts)
+    if len(texts) <= n:
+        return texts
+    rng = np.random.default_rng(seed)
+    return [texts[i] for i in np.sort(rng.choice(len(texts), size=n, replace=False))]
+
+
+def json_safe(value: Any) -> Any:
+    """numpy to Python, NaN/inf to None: ``json.dumps`` would write NaN, which is not JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def summary_table(rows: list[dict]) -> str:

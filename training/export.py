@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from training.model import collate
+
 log = logging.getLogger("training")
 
 OPSET = 17
@@ -90,7 +92,6 @@ def check_export(model, onnx_path: str | Path, ids: Sequence[Sequence[int]], pad
     """Max |torch - onnx fp32| logit difference on ``ids``; raises if above ``atol``."""
     import onnxruntime as ort
 
-    from training.model import collate
 
     input_ids, mask = collate(ids, pad_id)
     with torch.no_grad():

@@ -27,6 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.evaluate import macro_f1
+from training.finetune import lr_factor
+from training.model import collate
+
 log = logging.getLogger("training")
 
 
@@ -92,9 +96,6 @@ def train_lexical(
     passes; validation accuracy after each pass. Returns the training summary."""
     from tqdm.auto import tqdm
 
-    from training.finetune import lr_factor
-    from training.model import collate
-
     if len(train_ids) != len(train_labels) or not len(train_ids):
         raise ValueError(f"train_lexical needs as many labels as texts (got {len(train_ids)} texts, "
                          f"{len(train_labels)} labels), and at least one")
@@ -137,7 +138,6 @@ def train_lexical(
 
 @torch.no_grad()
 def lexical_logits(head: LexicalHead, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 256) -> np.ndarray:
-    from training.model import collate
 
     was_training = head.training
     head.eval()
@@ -155,7 +155,6 @@ def choose_mix(encoder_logits: np.ndarray, lex_logits: np.ndarray, labels: Seque
                grid: Sequence[float] = MIX_GRID) -> tuple[float, dict[float, float]]:
     """The weight w of ``encoder_logits + w * lex_logits`` with the best macro-F1 on ``labels`` (ties:
     the smaller w). Returns (w, {w: macro-F1})."""
-    from training.evaluate import macro_f1
 
     y = np.asarray(labels)
     scores = {float(w): macro_f1(y, (encoder_logits + w * lex_logits).argmax(1)) for w in grid}

@@ -282,6 +282,18 @@ class EncoderClassifier(nn.Module):
         return logits
 
 
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    """How many parameters ``module`` has (only those that require gradients with
+    ``trainable_only``); a 4-bit bitsandbytes weight counts as its unpacked size."""
+    n = 0
+    for param in module.parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)  # Params4bit packs 2 per byte
+        n += int(torch.Size(shape).numel()) if shape is not None else param.numel()
+    return n
+
+
 def bf16_supported() -> bool:
     """Whether this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
     and slower than fp32."""

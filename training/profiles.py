@@ -44,7 +44,7 @@ class Profile:
     dropout: float = 0.1
 
     # -- training (projected onto training.finetune.TrainConfig by field name) --------------------
-    method: str = "full"  # full | lora | qlora (4-bit NF4 + double quant) | 8bit (training.pipeline.METHODS)
+    method: str = "full"  # full | lora | qlora (4-bit NF4 + double quant) | 8bit (training.stages.METHODS)
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 32

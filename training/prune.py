@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.finetune import TrainConfig, TrainResult, train
-from training.model import EncoderClassifier, collate, layer_list, predict_logits
+from training.model import EncoderClassifier, collate, count_parameters, layer_list, predict_logits
 
 log = logging.getLogger("training")
 
@@ -69,10 +69,6 @@ def structure(model: EncoderClassifier) -> dict:
         "head_size": int(layers[0].attention.self.attention_head_size),
         "ffn": [int(layer.intermediate.dense.out_features) for layer in layers],
     }
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
