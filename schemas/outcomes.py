@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["outcome_codes", "outcome_code_summary"]
+__all__ = ["outcome_code_summary", "outcome_codes"]
 
 ISSUE_SEVERITIES = frozenset({"fatal", "error", "warning", "information"})
 _CODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}")

@@ -15,10 +15,11 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from connectors.fhir import FhirClient, FhirPermanentError, entry_status
-from schemas.events import EventRejected, OrderItem, skip_reason, validate_service_request
+from schemas.events import EventRejected, OrderItem, skip_reason, validate_fetched_order
 from schemas.labels import ModelOutput
+from schemas.outcomes import outcome_codes
 from schemas.text import build_model_input, clinical_text, context_references, is_imaging_order
-from schemas.writeback import build_writeback_bundle
+from schemas.writeback import WritebackSchemaError, build_writeback_bundle
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,10 @@ def suggest_for_order(
                 "status": "rejected",
                 "reason_code": "order_not_found" if exc.status in (404, 410) else "order_not_readable",
                 "reason": f"The FHIR server answered {exc.status} when reading {item.reference}.",
-                "operation_outcome": exc.operation_outcome,
+                "operation_outcome": outcome_codes(exc.operation_outcome),
             }
-        try:
-            validate_service_request(sr)
+        try:  # exactly the checks an inline order gets, so a fetched order cannot crash the task
+            validate_fetched_order(sr, item.reference)
         except EventRejected as exc:
             return {"order": item.reference, "status": "rejected", "reason_code": exc.code, "reason": exc.message}
         reason = skip_reason(sr)
@@ -121,7 +122,12 @@ def suggest_for_order(
         outcome.update(status="no_suggestion", resources={})
         return outcome
 
-    bundle = build_writeback_bundle(sr, protocol, diagnosis, recorded=recorded or datetime.now(timezone.utc))
+    try:
+        bundle = build_writeback_bundle(sr, protocol, diagnosis, recorded=recorded or datetime.now(timezone.utc))
+    except WritebackSchemaError as exc:
+        log.error("order %s: %s", order, exc)  # loud: every order of this model would fail alike
+        outcome.update(status="rejected", reason_code="invalid_writeback", reason=str(exc)[:500])
+        return outcome
     try:
         response = fhir.transaction(bundle)
     except FhirPermanentError as exc:
@@ -129,7 +135,7 @@ def suggest_for_order(
             status="rejected",
             reason_code="fhir_rejected_writeback",
             reason=f"The FHIR server refused the write-back transaction with {exc.status}.",
-            operation_outcome=exc.operation_outcome,
+            operation_outcome=outcome_codes(exc.operation_outcome),
         )
         return outcome
     written, created, existing = _written_resources(response)
