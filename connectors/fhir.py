@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -97,7 +98,7 @@ class FhirClient:
         transport: httpx.BaseTransport | None = None,
         user_agent: str = "ehr-worker",
         allow_insecure_http: bool = False,
-        verify: str | bool = True,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"FHIR base URL must start with http:// or https:// (got {base_url!r})")

@@ -80,6 +80,12 @@ def suggestion_identifier(service_request: dict[str, Any], model: str, model_ver
     return _hash(_KEY_VERSION, "ServiceRequest", order_id, order_version, model, model_version)
 
 
+def order_idempotency_key(service_request: dict[str, Any]) -> str:
+    """The key of one version of an order (id + ``meta.versionId``, or a content hash without
+    one): replays of the same order version share it, an edited order gets a new one."""
+    return _hash(_KEY_VERSION, "ServiceRequest", _order_id(service_request), _order_version(service_request))
+
+
 def _order_version(service_request: dict[str, Any]) -> str:
     version = (service_request.get("meta") or {}).get("versionId")
     if isinstance(version, str) and ID_RE.fullmatch(version):

@@ -81,8 +81,12 @@ def suggest_for_order(
     enrich_context: bool = True,
     top_k: int = 5,
     recorded: datetime | None = None,
+    fallback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the applicable models on one order and write the suggestions back in one transaction."""
+    """Run the applicable models on one order and write the suggestions back in one transaction.
+
+    ``fallback``: the event's own copy of a referenced order (see :mod:`workers.payload`), used
+    when the server does not hold that version (404/410)."""
     if item.service_request is not None:
         sr = item.service_request
     else:
@@ -90,13 +94,15 @@ def suggest_for_order(
         try:
             sr = fhir.read(item.reference)
         except FhirPermanentError as exc:
-            return {
-                "order": item.reference,
-                "status": "rejected",
-                "reason_code": "order_not_found" if exc.status in (404, 410) else "order_not_readable",
-                "reason": f"The FHIR server answered {exc.status} when reading {item.reference}.",
-                "operation_outcome": outcome_codes(exc.operation_outcome),
-            }
+            if fallback is None or exc.status not in (404, 410):
+                return {
+                    "order": item.reference,
+                    "status": "rejected",
+                    "reason_code": "order_not_found" if exc.status in (404, 410) else "order_not_readable",
+                    "reason": f"The FHIR server answered {exc.status} when reading {item.reference}.",
+                    "operation_outcome": outcome_codes(exc.operation_outcome),
+                }
+            sr = fallback  # the server does not hold this version: the event's own (decrypted) copy
         try:  # exactly the checks an inline order gets, so a fetched order cannot crash the task
             validate_fetched_order(sr, item.reference)
         except EventRejected as exc:
