@@ -161,7 +161,12 @@ class FhirClient:
         """
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
             raise ValueError("transaction() needs a Bundle of type 'transaction' or 'batch'")
-        result = self._request("POST", "", json=bundle, operation=f"{bundle['type']} Bundle")
+        # Entries with ifMatch make 412 this Bundle's own precondition failing (a resource changed
+        # since it was read), which the caller rebuilds from a fresh read; not a deployment problem.
+        if_match = any(isinstance(e, dict) and (e.get("request") or {}).get("ifMatch") for e in bundle.get("entry") or [])
+        result = self._request(
+            "POST", "", json=bundle, operation=f"{bundle['type']} Bundle", own_preconditions=if_match
+        )
         expected = f"{bundle['type']}-response"
         if result.get("resourceType") != "Bundle" or result.get("type") != expected:
             raise FhirPermanentError(
@@ -298,9 +303,11 @@ class FhirClient:
         time.sleep(delay)
 
     def _deployment_problem(
-        self, status: int, operation: str, outcome: dict | None, headers: Mapping[str, str]
+        self, status: int, operation: str, outcome: dict | None, *, own_preconditions: bool
     ) -> FhirConfigurationError | None:
-        """The error to raise when an answer says the deployment is wrong rather than the event."""
+        """The error to raise when an answer says the deployment is wrong rather than the event.
+        ``own_preconditions``: the request carried If-Match (header or transaction entries), so a
+        412 means "changed since read", the caller's to handle."""
         issues = outcome_summary(outcome)
         said = f"{operation} failed with HTTP {status}" + (f": {issues}" if issues else "")
         if status in (401, 403):
@@ -317,7 +324,7 @@ class FhirClient:
                 f"{said}: the server or a proxy timed the request out", status,
                 "the network path to EHRW_FHIR_BASE_URL (proxy timeouts) and EHRW_FHIR_TIMEOUT_S", None, outcome,
             )  # fmt: skip
-        if status == 412 and not any(k.lower() == "if-match" for k in headers):
+        if status == 412 and not own_preconditions:
             # Conditional creates (ifNoneExist) matched several resources: duplicates on the server.
             return FhirConfigurationError(
                 f"{said}: a conditional request matched several resources on the server", status,
@@ -349,6 +356,7 @@ class FhirClient:
         params: Params | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool = True,
+        own_preconditions: bool = False,
     ) -> dict:
         url = self._url(path)
         log_path = urlsplit(url).path  # never the query: search parameters may name a patient
@@ -388,7 +396,9 @@ class FhirClient:
                     self._tokens.invalidate()
                     refreshed_token = True
                     continue
-                deployment = self._deployment_problem(status, operation, outcome, headers or {})
+                deployment = self._deployment_problem(
+                    status, operation, outcome, own_preconditions=own_preconditions or "If-Match" in (headers or {})
+                )
                 if deployment is not None:
                     raise deployment
                 if status not in (409, 429) and status < 500:

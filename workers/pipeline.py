@@ -20,6 +20,7 @@ from schemas.labels import ModelOutput
 from schemas.outcomes import outcome_codes
 from schemas.text import build_model_input, clinical_text, context_references, is_imaging_order
 from schemas.writeback import WritebackSchemaError, build_writeback_bundle
+from workers.supersede import VOID_ORDER_REASONS, cancel_open_tasks, write_with_supersede
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ def suggest_for_order(
             return {"order": item.reference, "status": "rejected", "reason_code": exc.code, "reason": exc.message}
         reason = skip_reason(sr)
         if reason:
-            return {"order": order_reference(sr), "status": "skipped", "reason_code": reason}
+            skipped = {"order": order_reference(sr), "status": "skipped", "reason_code": reason}
+            if reason in VOID_ORDER_REASONS:  # a void order withdraws its untouched suggestions
+                skipped["cancelled"] = cancel_open_tasks(fhir, sr["id"], reason)
+            return skipped
 
     order = order_reference(sr)
     context = _fetch_context(fhir, sr) if enrich_context else []
@@ -135,7 +139,7 @@ def suggest_for_order(
         outcome.update(status="rejected", reason_code="invalid_writeback", reason=str(exc)[:500])
         return outcome
     try:
-        response = fhir.transaction(bundle)
+        response = write_with_supersede(fhir, bundle, sr)  # cancels older versions' open Tasks
     except FhirPermanentError as exc:
         outcome.update(
             status="rejected",
@@ -146,5 +150,7 @@ def suggest_for_order(
         return outcome
     written, created, existing = _written_resources(response)
     outcome.update(status="written", resources=written, created=created, existing=existing)
+    if response["superseded"]:
+        outcome["superseded"] = response["superseded"]
     log.info("order %s written: %d created, %d already present", order, created, existing)
     return outcome
