@@ -32,7 +32,7 @@ from schemas.labels import ModelOutput, Prediction
 from schemas.orders import INTENTS, MAX_JSON_DEPTH, STATUSES
 from schemas.text import MAX_INPUT_CHARS, build_model_input, clinical_text
 from schemas.validation import r4_resource_types, r4_schema_errors
-from schemas.writeback import build_writeback_bundle
+from schemas.writeback import WritebackSchemaError, build_writeback_bundle
 
 FUZZ_TOTAL = int(os.environ.get("EHRW_FUZZ_EVENTS", "10000"))  # CI: at least 10,000
 # (share of FUZZ_TOTAL, events checked per hypothesis example) per test below; shares sum to 1.
@@ -287,6 +287,34 @@ def damage(raw: bytes, rng: random.Random) -> bytes:
 @given(json_values)
 def test_arbitrary_json_is_rejected_with_a_known_code(value):
     check_event(_dump(value))
+
+
+labels = st.text(max_size=24) | st.sampled_from(["CT-HEAD-WO", "ORPHA:558", "", " ", "a  b", "x\ny"])
+
+
+@settings(max_examples=200, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(service_requests(), labels, labels, labels, st.booleans(), st.floats(0, 1))
+def test_write_back_builder_gives_valid_r4_or_refuses_with_its_error(sr, code, display, version, abstained, p):
+    """Whatever a model answers, the builder returns a schema-valid Bundle or raises
+    WritebackSchemaError (nothing is sent); it never raises anything else."""
+    sr = {**sr, "status": "active", "intent": "order", "subject": {"reference": "Patient/p1"}}
+    try:
+        parse_event(_dump(sr))
+    except EventRejected:
+        return  # the builder only ever sees accepted orders
+    output = ModelOutput(
+        task="protocol",
+        model="protocol-fuzz",
+        model_version=version,
+        abstained=abstained,
+        predictions=[Prediction("https://ehr-worker.dev/fhir/CodeSystem/protocol", code, display, p)],
+    )
+    try:
+        bundle = build_writeback_bundle(sr, output, output, recorded=RECORDED)
+    except WritebackSchemaError as refused:
+        assert refused.errors and SECRET not in str(refused)
+        return
+    assert r4_schema_errors(bundle) == []
 
 
 # --------------------------------------------------------------------------- the known crashers
