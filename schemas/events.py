@@ -41,6 +41,7 @@ __all__ = [
     "ParsedEvent",
     "parse_event",
     "skip_reason",
+    "validate_fetched_order",
     "validate_service_request",
 ]
 
@@ -114,6 +115,27 @@ def parse_event(raw: bytes) -> ParsedEvent:
         "unsupported_resource_type",
         "The event is neither a FHIR resource (no resourceType) nor a CloudEvent (no specversion).",
     )
+
+
+def validate_fetched_order(resource: Any, reference: str) -> dict[str, Any]:
+    """Check an order read from the FHIR server for a reference (a CloudEvent or an id-only
+    notification) exactly as an inline one is checked, and that it is the order the reference
+    names; returns it, or raises :class:`EventRejected`.
+
+    The server's answer is as untrusted as the event: the same validator runs on it, so a fetched
+    order can only ever be worked on, skipped or rejected, never crash the task.
+    """
+    wanted = parse_reference(reference)
+    if wanted is None or wanted.resource_type != "ServiceRequest":
+        raise EventRejected("invalid_structure", "The order reference is not 'ServiceRequest/{id}'.")
+    validate_service_request(resource, path=wanted.relative)
+    where = f"The order read for {wanted.relative}"
+    if resource["id"] != wanted.id:
+        raise EventRejected("invalid_structure", f"{where} has a different id.")
+    version = (resource.get("meta") or {}).get("versionId") if isinstance(resource.get("meta"), dict) else None
+    if wanted.version and version is not None and version != wanted.version:
+        raise EventRejected("invalid_structure", f"{where} is another version (meta.versionId).")
+    return resource
 
 
 def _parse_resource(doc: dict[str, Any]) -> ParsedEvent:

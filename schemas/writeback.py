@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from schemas.labels import ModelOutput, Prediction
 from schemas.references import ID_RE, order_reference
+from schemas.validation import r4_schema_errors
 
 IDENTIFIER_SYSTEM = "https://ehr-worker.dev/fhir/NamingSystem/suggestion-key"
 # meta.tag system carrying the idempotency key where ifNoneExist searches _tag (Provenance,
@@ -77,6 +78,12 @@ def suggestion_identifier(service_request: dict[str, Any], model: str, model_ver
     (``meta`` excluded) when the server gives none, so an edited order gets a new suggestion."""
     order_id, order_version = _order_id(service_request), _order_version(service_request)
     return _hash(_KEY_VERSION, "ServiceRequest", order_id, order_version, model, model_version)
+
+
+def order_idempotency_key(service_request: dict[str, Any]) -> str:
+    """The key of one version of an order (id + ``meta.versionId``, or a content hash without
+    one): replays of the same order version share it, an edited order gets a new one."""
+    return _hash(_KEY_VERSION, "ServiceRequest", _order_id(service_request), _order_version(service_request))
 
 
 def _order_version(service_request: dict[str, Any]) -> str:
@@ -196,7 +203,34 @@ def build_writeback_bundle(
     entries.append(_entry(provenance, provenance_key, tag_query))
     bundle["identifier"] = {"system": IDENTIFIER_SYSTEM, "value": provenance_key}
     bundle["entry"] = entries
+    check_writeback_bundle(bundle)
     return bundle
+
+
+class WritebackSchemaError(ValueError):
+    """The write-back Bundle this worker built is not valid FHIR R4, so it was not sent.
+
+    Never the order's fault: a bug in ehr-worker or a model whose labels break an R4 datatype (an
+    empty or space-containing code). Permanent: a retry builds the same Bundle. ``errors`` are
+    schema paths and keywords, free of values, so they can be logged and dead-lettered.
+    """
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        shown = "; ".join(errors[:5]) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else "")
+        super().__init__(
+            f"the write-back Bundle is not valid FHIR R4, nothing was sent: {shown}. "
+            "Fix the model's labels (catalog) or report an ehr-worker bug."
+        )
+
+
+def check_writeback_bundle(bundle: dict[str, Any]) -> None:
+    """Validate an outgoing Bundle against the FHIR R4 JSON schema (the validator is compiled once,
+    ~3 ms per Bundle); raises :class:`WritebackSchemaError`. The server is no check: sekmet, like
+    several production servers, stores invalid codes."""
+    errors = r4_schema_errors(bundle)
+    if errors:
+        raise WritebackSchemaError(errors)
 
 
 def _entry(resource: dict[str, Any], key: str, if_none_exist: str) -> dict[str, Any]:

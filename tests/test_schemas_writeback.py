@@ -361,3 +361,24 @@ def test_invalid_resources_fail_without_echoing_values():
     bad_entry = {"resource": {"resourceType": "Task", "status": "bogus"}}
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [bad_entry]}
     assert r4_schema_errors(bundle) == ["$.entry[0].resource.status: enum (not an allowed code)"]
+
+
+# -- outgoing Bundles are schema-checked (issue 8, defect 12) ---------------------------------------
+
+
+@pytest.mark.parametrize("code", ["", "two  spaces", " lead"])
+def test_a_bundle_breaking_r4_is_refused_before_it_is_sent(code):
+    from schemas.writeback import WritebackSchemaError
+
+    broken = ModelOutput(
+        task="protocol",
+        model="protocol-test",
+        model_version=VERSION,
+        abstained=False,
+        predictions=[Prediction(PROTOCOL_SYSTEM, code, "CT head", 0.9)],
+    )
+    with pytest.raises(WritebackSchemaError) as err:
+        build(protocol=broken)
+    message = str(err.value)
+    assert "not valid FHIR R4" in message and "valueCodeableConcept.coding[0].code: pattern" in message
+    assert "CT head" not in message

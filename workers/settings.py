@@ -38,7 +38,7 @@ class Settings(BaseSettings):
 
     # FHIR server
     fhir_base_url: str = "http://127.0.0.1:8090/fhir"
-    fhir_auth: Literal["none", "basic", "bearer", "client_credentials"] = "none"
+    fhir_auth: Literal["none", "basic", "bearer", "client_credentials", "smart_backend"] = "none"
     fhir_username: str | None = None
     fhir_password: SecretStr | None = None
     fhir_token: SecretStr | None = None
@@ -50,6 +50,38 @@ class Settings(BaseSettings):
     fhir_max_retries: int = Field(default=4, ge=0)
     # Fetch reasonReference/supportingInfo resources to enrich the model input.
     fhir_enrich_context: bool = True
+
+    # --- Security: transport, SMART Backend Services, task payloads (issue 8; see workers/clients.py) ---
+    # Kafka: every client (consumer, producer, admin) gets these via clients.kafka_client_config.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None  # client certificate (mutual TLS)
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_password: SecretStr | None = None  # of the key file
+    kafka_ssl_check_hostname: bool = True
+    # Redis (Celery broker and results): rediss:// URLs use TLS with these; the password may also
+    # sit in the URL, but here it stays out of URLs that get logged.
+    redis_password: SecretStr | None = None
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    redis_ssl_ca_certs: Path | None = None
+    redis_ssl_certfile: Path | None = None
+    redis_ssl_keyfile: Path | None = None
+    # A blackholed Redis must fail apply_async within seconds, not block it forever.
+    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
+    redis_socket_connect_timeout_s: float = Field(default=5.0, gt=0)
+    # FHIR: SMART Backend Services (fhir_auth=smart_backend) and TLS.
+    fhir_private_key_path: Path | None = None  # PEM, RSA (RS384) or P-384 EC (ES384)
+    fhir_key_id: str | None = None  # the JWT "kid" of the registered public key
+    fhir_jku: str | None = None  # URL of the JWKS holding it, when the server fetches keys
+    fhir_algorithm: Literal["RS384", "ES384"] | None = None  # default: from the key
+    fhir_ca_file: Path | None = None  # CA bundle for a hospital's private PKI
+    # Credentials over http:// are refused except to this machine (127.0.0.1/localhost, the demo).
+    fhir_allow_insecure_http: bool = False
+    # Fernet key encrypting orders carried inline in events while they sit in Redis (workers/payload.py).
+    payload_key: SecretStr | None = None
 
     # Models
     model_registry: Path = Path("registry")

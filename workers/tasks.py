@@ -14,11 +14,12 @@ from typing import Any
 
 from celery import signals
 
-from connectors.fhir import FhirAuth, FhirClient, FhirTransientError
+from connectors.fhir import FhirClient, FhirTransientError
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
 from schemas.events import OrderItem
 from workers.app import app
+from workers.clients import build_fhir_client  # rel-b: one builder (SMART, TLS trust, http:// refusal)
 from workers.pipeline import ModelSet, suggest_for_order
 from workers.settings import Settings, get_settings
 
@@ -27,23 +28,6 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = 6
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
-
-
-def build_fhir_client(settings: Settings) -> FhirClient:
-    secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
-    auth = FhirAuth(
-        kind=settings.fhir_auth,
-        username=settings.fhir_username,
-        password=secret(settings.fhir_password),
-        token=secret(settings.fhir_token),
-        token_url=settings.fhir_token_url,
-        client_id=settings.fhir_client_id,
-        client_secret=secret(settings.fhir_client_secret),
-        scope=settings.fhir_scope,
-    )
-    return FhirClient(
-        settings.fhir_base_url, auth=auth, timeout=settings.fhir_timeout_s, max_retries=settings.fhir_max_retries
-    )
 
 
 def load_models(settings: Settings) -> ModelSet:
