@@ -58,7 +58,9 @@ def record_size(key: bytes | None, value: bytes | None, headers: Iterable[tuple[
     """Bytes of key, value and header names/values (what counts against Kafka's record limit)."""
     size = len(key or b"") + len(value or b"")
     for name, val in headers or []:
-        size += len(str(name).encode(errors="replace")) + (len(val) if isinstance(val, (bytes, bytearray)) else 0)
+        size += len(str(name).encode(errors="replace")) + (
+            len(val) if isinstance(val, (bytes, bytearray)) else 0
+        )
     return size
 
 
@@ -138,7 +140,9 @@ def dead_letter_record(
     return DeadLetter(key, bytes(body), headers)
 
 
-def truncated_copy(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], *, limit: int) -> DeadLetter:
+def truncated_copy(
+    key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], *, limit: int
+) -> DeadLetter:
     """The first bytes of ``value`` with its size and sha256, so that the copy fits in ``limit``."""
     if record_size(key, b"", headers) + _HEADROOM_BYTES > limit:
         headers = [(n, v) for n, v in headers if n.startswith("ehrw-") and n != H_DETAILS]  # ours only

@@ -141,5 +141,7 @@ class Health:
 
     def recovered(self) -> None:
         if not self.healthy:
-            log.warning("healthy again after %.0fs (%s resolved)", time.monotonic() - (self.since or 0), self.reason)
+            log.warning(
+                "healthy again after %.0fs (%s resolved)", time.monotonic() - (self.since or 0), self.reason
+            )
         self.healthy, self.reason, self.since = True, None, None

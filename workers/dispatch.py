@@ -137,7 +137,9 @@ class CeleryDispatcher:
 
     # -- the round -------------------------------------------------------------------------------
 
-    def __call__(self, batch: list[Incoming], keepalive: Callable[[], None] | None = None) -> list[EventOutcome]:
+    def __call__(
+        self, batch: list[Incoming], keepalive: Callable[[], None] | None = None
+    ) -> list[EventOutcome]:
         events = [self._plan(inc) for inc in batch]
         budget = self.timeout_s if keepalive is not None else self.no_keepalive_timeout_s
         deadline = time.monotonic() + budget
@@ -176,7 +178,9 @@ class CeleryDispatcher:
         return self._finish(events, halt)
 
     def _plan(self, inc: Incoming) -> _Event:
-        orders = {task_id_for(self.group, inc, item.order_id): item for item in unique_orders(inc.event.items)}
+        orders = {
+            task_id_for(self.group, inc, item.order_id): item for item in unique_orders(inc.event.items)
+        }
         keys = {f"o:{item.order_id}" for item in orders.values()}
         if inc.key:
             keys.add(f"k:{inc.key.hex()}")
@@ -188,7 +192,9 @@ class CeleryDispatcher:
             earlier = [b for b in blocking if b.keys & event.keys]
             if not event.started and event.outcome is None:
                 if any(b.outcome is not None for b in earlier):  # an earlier one will be retried
-                    event.outcome = EventOutcome(status="retry", reason_code="after_retried_event", retry_kind="busy")
+                    event.outcome = EventOutcome(
+                        status="retry", reason_code="after_retried_event", retry_kind="busy"
+                    )
                 elif not earlier:
                     event.started = True
                     to_send.extend((event, tid) for tid in event.orders)
@@ -234,7 +240,9 @@ class CeleryDispatcher:
             return  # sent before (an earlier round, consumer or owner): wait for that one
         try:
             # argsrepr/kwargsrepr: no log line may print the order (Celery logs arguments at INFO).
-            suggest.apply_async(args=[order_item_payload(item)], task_id=tid, argsrepr="(order)", kwargsrepr="{}")
+            suggest.apply_async(
+                args=[order_item_payload(item)], task_id=tid, argsrepr="(order)", kwargsrepr="{}"
+            )
         except Exception:
             self._redis.delete(f"ehrw:sent:{tid}")
             raise
@@ -280,7 +288,9 @@ class CeleryDispatcher:
     def finished(self, incomings: list[Incoming]) -> None:
         """The consumer committed these events: their results and markers can go."""
         tids = [
-            task_id_for(self.group, inc, item.order_id) for inc in incomings for item in unique_orders(inc.event.items)
+            task_id_for(self.group, inc, item.order_id)
+            for inc in incomings
+            for item in unique_orders(inc.event.items)
         ]
         for start in range(0, len(tids), 500):
             self._forget(tids[start : start + 500])

@@ -30,7 +30,6 @@ from tests.test_connectors_kafka import (
     _result,
     _sr,
 )
-from tests.test_connectors_kafka import bootstrap  # noqa: F401 - the module's Tansu fixture
 
 pytestmark = pytest.mark.services
 
@@ -80,10 +79,19 @@ def _done_except(poison: set[str], seen: Counter, *, kind: str = "event", **retr
 def test_poison_event_is_dead_lettered_after_its_attempt_budget_across_restarts(bootstrap):
     """Defect 1: the budget is kept in Redis, so a new consumer continues the count."""
     names = _names("poison")
-    events = [("good-1", _raw(_sr("good-1"))), ("poison-1", _raw(_sr("poison-1"))), ("good-2", _raw(_sr("good-2")))]
+    events = [
+        ("good-1", _raw(_sr("good-1"))),
+        ("poison-1", _raw(_sr("poison-1"))),
+        ("good-2", _raw(_sr("good-2"))),
+    ]
     ledger_prefix = f"test:attempts:{uuid.uuid4().hex[:8]}:"
     seen: Counter[str] = Counter()
-    first = _consumer(bootstrap, names, max_attempts=3, attempts=RedisAttempts(os.environ["EHRW_REDIS_URL"], prefix=ledger_prefix))
+    first = _consumer(
+        bootstrap,
+        names,
+        max_attempts=3,
+        attempts=RedisAttempts(os.environ["EHRW_REDIS_URL"], prefix=ledger_prefix),
+    )
     _publish(bootstrap, names["topic"], events)
     stop = threading.Event()
     inner = _done_except({"poison-1"}, seen)
@@ -97,7 +105,12 @@ def test_poison_event_is_dead_lettered_after_its_attempt_budget_across_restarts(
     first.run(dispatch_then_crash, stop=stop, idle_timeout_s=30)
     assert seen["poison-1"] == 2 and _read_all(bootstrap, names["dlq_topic"]) == []
 
-    again = _consumer(bootstrap, names, max_attempts=3, attempts=RedisAttempts(os.environ["EHRW_REDIS_URL"], prefix=ledger_prefix))
+    again = _consumer(
+        bootstrap,
+        names,
+        max_attempts=3,
+        attempts=RedisAttempts(os.environ["EHRW_REDIS_URL"], prefix=ledger_prefix),
+    )
     stats = again.run(inner, max_events=2, idle_timeout_s=30)
     assert seen["poison-1"] == 3  # one more attempt, not three more
     assert stats.attempts_exhausted == 1
@@ -158,7 +171,11 @@ def test_records_kafka_python_refuses_to_resend_are_dead_lettered_not_crash_loop
     assert bad_json.value == b"not json {" and h["traceparent"] == b"00-x-01"
     assert h["ehrw-null-headers"] == b"null-one" and h["ehrw-reason-code"] == b"not_json"
     h = dict(tombstone.headers)
-    assert tombstone.value == b"" and h["ehrw-original-null"] == b"true" and h["ehrw-reason-code"] == b"empty_value"
+    assert (
+        tombstone.value == b""
+        and h["ehrw-original-null"] == b"true"
+        and h["ehrw-reason-code"] == b"empty_value"
+    )
     assert [r.key for r in _read_all(bootstrap, names["result_topic"])] == [b"ServiceRequest/sr-ok"]
 
 
@@ -194,7 +211,9 @@ def test_retry_after_is_waited_out_inside_the_group_and_slow_batches_cause_no_re
     """Defect 3: Retry-After above the poll interval is honoured (the consumer waits, paused, and
     stays in its group), and a dispatch longer than max.poll.interval.ms is not evicted."""
     names = _names("wait")
-    consumer = _consumer(bootstrap, names, max_poll_interval_ms=2000, session_timeout_ms=6000, max_in_flight=1)
+    consumer = _consumer(
+        bootstrap, names, max_poll_interval_ms=2000, session_timeout_ms=6000, max_in_flight=1
+    )
     _publish(bootstrap, names["topic"], [("o-1", _raw(_sr("o-1"))), ("o-2", _raw(_sr("o-2")))])
     calls: list[float] = []
 
