@@ -136,7 +136,7 @@ _MODALITY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 _STRESS = _rx(r"\bstress\b|\bcardiac\s+perfusion")
 
 _REGION_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("obstetric", _rx(r"\bob\b|obstet|pregnan|\bfetal|gestation|\bnuchal|\bbpp\b|biophysical|\btrimester|\bnt\s+scan|dating")),
+    ("obstetric", _rx(r"(?<!non-)(?<!non )\bob\b|obstet|pregnan|\bfetal|gestation|\bnuchal|\bbpp\b|biophysical|\btrimester|\bnt\s+scan|dating")),
     ("carotid", _rx(r"carotid")),
     ("thyroid", _rx(r"thyroid|parathyroid")),
     ("face", _rx(r"sinus|facial|\bface\b|maxillofacial|\borbit|mandible|\bmaxfac")),
@@ -176,7 +176,7 @@ _HINT_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("venous", _rx(r"venous|\bdvt\b|\bvein")),
     ("renal", _rx(r"\brenal\b|kidney|retroperiton")),
     ("ruq", _rx(r"\bruq\b|right\s+upper\s+quadrant|gall\s*bladder|\bgb\b|biliary|hepatobiliary")),
-    ("obstetric", _rx(r"\bob\b|obstet|pregnan|\bfetal|gestation|\bnuchal|\bbpp\b|biophysical|trimester")),
+    ("obstetric", _rx(r"(?<!non-)(?<!non )\bob\b|obstet|pregnan|\bfetal|gestation|\bnuchal|\bbpp\b|biophysical|trimester")),
     ("screening", _rx(r"screen")),
     ("diagnostic", _rx(r"diagnostic|\bdiag\b|\bdx\s+mammo|unilateral|\bspot\b|callback|call-back")),
     ("perfusion", _rx(r"perfusion|\bmpi\b|stress|lexiscan|regadenoson|sestamibi|\bmibi\b|tetrofosmin|thallium|spect")),
