@@ -382,3 +382,22 @@ def test_a_bundle_breaking_r4_is_refused_before_it_is_sent(code):
     message = str(err.value)
     assert "not valid FHIR R4" in message and "valueCodeableConcept.coding[0].code: pattern" in message
     assert "CT head" not in message
+
+def test_abstention_lists_the_top_three_and_another_exam_is_flagged_not_substituted():
+    from dataclasses import replace
+
+    output = protocol_output(abstained=True)
+    output.predictions.append(Prediction(PROTOCOL_SYSTEM, "CT-CHEST-W", "CT chest with contrast", 0.05))
+    other = Prediction(PROTOCOL_SYSTEM, "US-RUQ", "US right upper quadrant", 0.8)
+    bundle = build(replace(output, alternative=other), None)
+    (task,) = of_type(bundle, "Task")
+    types = [i["type"]["text"] for i in task["input"]]
+    assert types == ALTERNATIVE_PAIR * 3 + ["indication-suggests-other-exam", "indication-suggests-other-exam-probability"]
+    flagged = task["input"][-2]["valueCodeableConcept"]["coding"][0]
+    assert flagged["code"] == "US-RUQ" and task["input"][-1]["valueDecimal"] == 0.8
+    assert any("another exam" in n["text"] for n in task["note"])
+    # a confident suggestion keeps the ordered exam's protocol first
+    bundle = build(replace(protocol_output(), alternative=other), None)
+    (task,) = of_type(bundle, "Task")
+    assert task["input"][0]["type"]["text"] == "suggested-protocol"
+    assert task["input"][0]["valueCodeableConcept"]["coding"][0]["code"] == "CT-ABDPEL-W"

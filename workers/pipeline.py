@@ -74,6 +74,16 @@ def _written_resources(response: dict) -> tuple[dict[str, list[str]], int, int]:
     return written, created, existing
 
 
+def predict_protocol(model: Classifier, sr: dict, text: str, top_k: int) -> ModelOutput:
+    """The protocol model restricted to the protocols of the exam the order names (its code); a
+    classifier without ``order_weights`` (or an order naming no exam) is not restricted."""
+    order_weights = getattr(model, "order_weights", None)
+    weights = order_weights([sr]) if order_weights is not None else None
+    if weights is None:
+        return model.predict([text], top_k=top_k)[0]
+    return model.predict([text], top_k=top_k, weights=weights)[0]  # type: ignore[call-arg]
+
+
 def suggest_for_order(
     item: OrderItem,
     fhir: FhirClient,
@@ -119,7 +129,7 @@ def suggest_for_order(
     context = _fetch_context(fhir, sr) if enrich_context else []
     text = build_model_input(sr, context)
 
-    protocol = models.protocol.predict([text], top_k=top_k)[0] if is_imaging_order(sr) else None
+    protocol = predict_protocol(models.protocol, sr, text, top_k) if is_imaging_order(sr) else None
     diagnosis = models.diagnosis.predict([text], top_k=top_k)[0] if clinical_text(sr, context) else None
     outcome: dict[str, Any] = {
         "order": order,
