@@ -13,31 +13,36 @@ from typing import Any
 
 from celery import Celery, signals
 
-from workers.settings import get_settings
+from workers.settings import Settings, get_settings
 
-_settings = get_settings()
 
-app = Celery("ehr-worker", broker=_settings.redis_url, backend=_settings.redis_url, include=["workers.tasks"])
+def make_app(settings: Settings) -> Celery:
+    """The ehr-worker Celery app on ``settings.redis_url`` (broker and result backend)."""
+    app = Celery("ehr-worker", broker=settings.redis_url, backend=settings.redis_url,
+                 include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One order at a time per child: with acks_late a prefetched order would wait behind a slow one.
+        worker_prefetch_multiplier=1,
+        task_track_started=False,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        # Redis visibility timeout must exceed the longest retry chain, or Redis redelivers the task
+        # to a second worker while the first is still backing off.
+        broker_transport_options={"visibility_timeout": 3600},
+        task_default_queue="ehr-worker",
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+    )
+    return app
 
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    result_accept_content=["json"],
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    # One order at a time per child: with acks_late a prefetched order would wait behind a slow one.
-    worker_prefetch_multiplier=1,
-    task_track_started=False,
-    result_expires=3600,
-    broker_connection_retry_on_startup=True,
-    # Redis visibility timeout must exceed the longest retry chain, or Redis redelivers the task
-    # to a second worker while the first is still backing off.
-    broker_transport_options={"visibility_timeout": 3600},
-    task_default_queue="ehr-worker",
-    worker_hijack_root_logger=False,
-    timezone="UTC",
-)
+
+app = make_app(get_settings())
 
 
 @signals.worker_init.connect
