@@ -61,6 +61,10 @@ log = logging.getLogger("training")
 
 @dataclass
 class TrainConfig:
+    """The loop's options. These defaults serve a direct call of ``train`` (a random head, one
+    evaluation per epoch); a pipeline run fills every field that ``training.profiles.Profile`` also
+    has from the profile (``training.stages.train_config``), so a build's defaults are Profile's."""
+
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 32
