@@ -19,8 +19,10 @@ test: install
 test-fast: install
 	$(VENV)/bin/python -m pytest -m "not services and not slow"
 
+# CI runs this before the tests (.ci/run); ruff and mypy are pinned in constraints.txt
 lint: install
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check schemas models connectors workers training
+	$(VENV)/bin/python -m mypy
 
 clean-registry:
 	rm -rf registry

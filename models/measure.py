@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 
-def percentile(values: Sequence[float], q: float) -> float:
+def percentile(values: Collection[float], q: float) -> float:
     """The ``q``-th percentile (0-100) with linear interpolation between the two nearest ranks
     (numpy's default method); NaN for no values."""
     if len(values) == 0:

@@ -1,6 +1,8 @@
-"""A FHIR server's OperationOutcome reduced to codes, the only form that leaves the FHIR client.
+"""Outcomes, as ids and codes only: what happened to one order (:class:`OrderOutcome`, the result
+event the worker publishes and the consumer reads), and a FHIR server's OperationOutcome reduced to
+codes (:func:`outcome_codes`).
 
-Servers write free text into ``issue.diagnostics`` and ``issue.details.text`` and often quote the
+The reduced OperationOutcome is the only form of it that leaves the FHIR client. Servers write free text into ``issue.diagnostics`` and ``issue.details.text`` and often quote the
 request in it: a rejected Task's note, a patient's name, a value that failed a pattern. That text
 must not reach logs, exceptions, dead-letter headers or result events, so everything the worker
 keeps of an outcome is: ``severity``, ``code`` (both bound to small FHIR value sets),
@@ -12,9 +14,9 @@ with a literal in it (``where(name = 'Ada')``) is dropped whole.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
-__all__ = ["outcome_code_summary", "outcome_codes"]
+__all__ = ["ORDER_STATUSES", "OrderOutcome", "OrderStatus", "outcome_code_summary", "outcome_codes"]
 
 ISSUE_SEVERITIES = frozenset({"fatal", "error", "warning", "information"})
 _CODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}")
@@ -90,3 +92,25 @@ def _codings(details: dict[str, Any]) -> list[dict[str, str]]:
 def _paths(values: Any) -> list[str]:
     paths = [v for v in values if isinstance(v, str) and _PATH_RE.fullmatch(v)] if isinstance(values, list) else []
     return paths[:_MAX_PATHS]
+
+
+# -- one order's outcome ------------------------------------------------------------------------
+
+# written: suggestions written back; no_suggestion: nothing confident to write (not an error);
+# skipped: not an order this worker acts on; rejected: a permanent problem (dead-letter topic)
+OrderStatus = Literal["written", "no_suggestion", "skipped", "rejected"]
+ORDER_STATUSES: tuple[OrderStatus, ...] = ("written", "no_suggestion", "skipped", "rejected")
+
+
+class OrderOutcome(TypedDict):
+    order: str  # "ServiceRequest/<id>" (or the reference the event named)
+    status: OrderStatus
+    reason_code: NotRequired[str]  # skipped / rejected: a stable code (schemas.rejections)
+    reason: NotRequired[str]  # rejected: what went wrong, naming ids and codes only
+    operation_outcome: NotRequired[dict[str, Any] | None]  # rejected by FHIR: the server's OperationOutcome
+    imaging: NotRequired[bool]  # whether the protocol model ran
+    protocol: NotRequired[dict[str, Any] | None]  # ModelOutput.to_json() of the protocol model
+    diagnosis: NotRequired[dict[str, Any] | None]  # ... of the diagnosis model
+    resources: NotRequired[dict[str, list[str]]]  # written: resource type -> "Type/id" references
+    created: NotRequired[int]  # written: resources the transaction created
+    existing: NotRequired[int]  # written: resources that were already there (a redelivered order)

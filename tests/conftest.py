@@ -37,28 +37,27 @@ class Services:
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory):
-    from connectors.embedded import ensure_redis, free_port, start_sekmet, start_tansu
+def local_stack(tmp_path_factory):
+    """Tansu, sekmet and Redis (reused when one answers) as the demo and the bench run them."""
+    from workers.local import LocalStack
+    from workers.settings import Settings
 
-    base = tmp_path_factory.mktemp("services")
-    redis_url = os.environ["EHRW_REDIS_URL"]
-    redis = ensure_redis(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    kafka_port, fhir_port = free_port(), free_port()
-    tansu = start_tansu(kafka_port, base / "tansu")
-    sekmet = start_sekmet(fhir_port, base / "sekmet")
+    with LocalStack(Settings(redis_url=os.environ["EHRW_REDIS_URL"]), workdir=tmp_path_factory.mktemp("services")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def services(local_stack):
     svc = Services(
-        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
-        fhir_base_url=f"http://127.0.0.1:{fhir_port}/fhir",
-        redis_url=redis_url,
-        fhir_port=fhir_port,
-        sekmet_dir=base / "sekmet",
-        sekmet=sekmet,
+        kafka_bootstrap=local_stack.settings.kafka_bootstrap,
+        fhir_base_url=local_stack.settings.fhir_base_url,
+        redis_url=local_stack.settings.redis_url,
+        fhir_port=local_stack.services.fhir_port,
+        sekmet_dir=local_stack.workdir / "fhir",
+        sekmet=local_stack.services.processes["fhir"],
     )
     yield svc
-    svc.sekmet.stop()
-    tansu.stop()
-    if redis is not None:
-        redis.stop()
+    svc.sekmet.stop()  # a test may have restarted it; the stack stops the rest
 
 
 @pytest.fixture(scope="session")
@@ -75,24 +74,14 @@ def tiny_registry(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def worker_env(services, tiny_registry) -> dict[str, str]:
-    return {
-        "EHRW_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
-        "EHRW_REDIS_URL": services.redis_url,
-        "EHRW_FHIR_BASE_URL": services.fhir_base_url,
-        "EHRW_MODEL_REGISTRY": str(tiny_registry),
-        "EHRW_FHIR_MAX_RETRIES": "2",
-    }
+def worker_env(local_stack, tiny_registry) -> dict[str, str]:
+    return local_stack.env(EHRW_MODEL_REGISTRY=str(tiny_registry), EHRW_FHIR_MAX_RETRIES="2")
 
 
 @pytest.fixture(scope="session")
-def celery_worker(worker_env, tmp_path_factory):
-    from workers.app import app
-    from workers.local import start_worker
-
-    app.control.purge()
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    worker = start_worker(worker_env, log, app=app, concurrency=2, name="pytest")
+def celery_worker(local_stack, worker_env):
+    local_stack.purge()
+    worker = local_stack.start_worker(concurrency=2, name="pytest", **worker_env)
     yield worker
     worker.stop()
 

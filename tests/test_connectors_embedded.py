@@ -9,13 +9,14 @@ import pytest
 from connectors.embedded import (
     EmbeddedServices,
     ServiceStartError,
+    _spawn,
+    _wait_ready,
     ensure_redis,
     free_port,
     redis_answers,
     start_sekmet,
     start_tansu,
 )
-from connectors.embedded import _spawn, _wait_ready
 
 pytestmark = pytest.mark.services
 

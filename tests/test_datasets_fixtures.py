@@ -13,8 +13,8 @@ from schemas.catalog import protocol_by_code
 from schemas.events import validate_service_request
 from schemas.text import build_model_input, clinical_text, is_imaging_order
 from schemas.validation import r4_schema_errors
-from training.datasets.diagnosis import disease_panel
 from training.datasets.common import label_key
+from training.datasets.diagnosis import disease_panel
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "workers" / "fixtures"

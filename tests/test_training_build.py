@@ -119,3 +119,28 @@ def test_profiles_are_plain_values():
     default = PROFILES["default"]
     assert default["diagnosis"]["max_diseases"] >= 500
     assert default["protocol"]["num_layers"] <= 3 and default["diagnosis"]["num_layers"] <= 3
+
+
+def test_cli_rejects_an_unknown_profile_key_naming_the_close_match():
+    proc = subprocess.run([sys.executable, "-m", "training", "build", "--profile", "tiny", "--set", "nm_train=5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown profile key 'nm_train'" in proc.stderr and "n_train" in proc.stderr
+
+
+def test_named_profiles_override_one_set_of_defaults():
+    from training.profiles import PROFILE_KEYS, PROFILES, Profile, resolve_profile
+
+    for name, tasks in PROFILES.items():
+        for task, values in tasks.items():
+            assert list(values) == list(PROFILE_KEYS) and values["name"] == name, (name, task)
+    tuned = Profile.from_values({"lr": 1}, base=resolve_profile("tiny", "protocol"))
+    assert tuned.lr == 1.0 and isinstance(tuned.lr, float) and tuned.max_steps == 80 and tuned.name == "tiny"
+    with pytest.raises(KeyError, match="did you mean recovery_lr"):
+        Profile.from_values({"recovery_lrr": 1e-4})
+
+
+def test_every_profile_key_is_documented():
+    from training.profiles import PROFILE_KEYS
+
+    doc = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    assert [key for key in PROFILE_KEYS if f"| `{key}` |" not in doc] == []

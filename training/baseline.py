@@ -14,14 +14,22 @@ import numpy as np
 
 from models.runtime import OnnxTextEncoder
 from training import evaluate as ev
-from training.evaluate import RARE_FRACTION, json_safe, macro_f1_over, peak_rss_mb, rare_classes, sample_texts
+from training.evaluate import (
+    RARE_FRACTION,
+    IntSeq,
+    json_safe,
+    macro_f1_over,
+    peak_rss_mb,
+    rare_classes,
+    sample_texts,
+)
 from training.export import check_export, export_onnx, save_tokenizer
 from training.model import EncoderClassifier, default_base_model, encode, load_tokenizer, pad_id_of
 
 GENERAL_BASELINE_NAME = "general base model fp32"
 
 
-def stratified_subsample(labels: Sequence[int], max_n: int | None, seed: int = 0) -> np.ndarray:
+def stratified_subsample(labels: IntSeq, max_n: int | None, seed: int = 0) -> np.ndarray:
     """Up to ``max_n`` indices (ascending) such that every class gets its first example before any
     class gets its second, and so on: subsampling never drops a rare class that fits."""
     labels = np.asarray(labels)
@@ -71,12 +79,12 @@ def _head_probabilities(head, features: np.ndarray, num_classes: int) -> np.ndar
 def general_baseline(
     base_model_dir: str | Path | None,
     train_texts: Sequence[str],
-    y_train: Sequence[int],
+    y_train: IntSeq,
     test_texts: Sequence[str],
-    y_test: Sequence[int],
+    y_test: IntSeq,
     *,
     num_classes: int | None = None,
-    train_support: Sequence[int] | None = None,
+    train_support: IntSeq | None = None,
     max_length: int = 128,
     max_train: int | None = 4000,
     latency_n: int = 100,

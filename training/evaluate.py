@@ -27,11 +27,14 @@ from training.calibrate import expected_calibration_error, nll, selective
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# class ids, per example or per class: a list or a numpy array
+IntSeq = Sequence[int] | np.ndarray
+
 # the share of classes, fewest training examples first, that count as rare
 RARE_FRACTION = 0.2
 
 
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def macro_f1(y_true: IntSeq, y_pred: IntSeq) -> float:
     """Unweighted mean of the per-class F1 over the classes present in either (0 where undefined)."""
     from sklearn.metrics import f1_score
 
@@ -61,7 +64,7 @@ def classification_metrics(logits: np.ndarray, labels, *, temperature: float = 1
 
 
 def per_class_metrics(
-    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str], train_support: Sequence[int] | None = None
+    y_true: IntSeq, y_pred: IntSeq, labels: Sequence[str], train_support: IntSeq | None = None
 ) -> list[dict]:
     """One dict per class, in class-id order.
 
@@ -94,7 +97,7 @@ def per_class_metrics(
     return rows
 
 
-def rare_classes(support: Sequence[int], fraction: float = RARE_FRACTION) -> np.ndarray:
+def rare_classes(support: IntSeq, fraction: float = RARE_FRACTION) -> np.ndarray:
     """Indices of the classes in the bottom ``fraction`` by ``support`` (ascending).
 
     Pass the TRAINING support when there is one (what makes a class rare is how little the model
@@ -113,7 +116,7 @@ def rare_classes(support: Sequence[int], fraction: float = RARE_FRACTION) -> np.
     return np.flatnonzero(support <= cutoff)
 
 
-def macro_f1_over(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[int]) -> float:
+def macro_f1_over(y_true: IntSeq, y_pred: IntSeq, classes: IntSeq) -> float:
     """Macro-F1 over ``classes`` only, skipping those with neither test examples nor predictions
     (undefined F1; sklearn's macro-F1 skips them the same way); NaN when none is left."""
     from sklearn.metrics import precision_recall_fscore_support
@@ -129,14 +132,14 @@ def macro_f1_over(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequenc
 
 
 def rare_class_f1(
-    y_true: Sequence[int], y_pred: Sequence[int], support: Sequence[int], fraction: float = RARE_FRACTION
+    y_true: IntSeq, y_pred: IntSeq, support: IntSeq, fraction: float = RARE_FRACTION
 ) -> float:
     """Macro-F1 over :func:`rare_classes` of ``support`` (one count per class, training support
     preferred): how the model does on the classes it saw least."""
     return macro_f1_over(y_true, y_pred, rare_classes(support, fraction))
 
 
-def reliability_bins(probs: np.ndarray, y_true: Sequence[int], n_bins: int = 15) -> dict:
+def reliability_bins(probs: np.ndarray, y_true: IntSeq, n_bins: int = 15) -> dict:
     """Top-1 confidence bins as :func:`training.calibrate.expected_calibration_error` cuts them
     (equal width, ``(lo, hi]``, the first one closed): ``count``, mean ``confidence`` and
     ``accuracy`` per bin (NaN for empty bins) and the bin ``edges``."""

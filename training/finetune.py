@@ -61,6 +61,10 @@ log = logging.getLogger("training")
 
 @dataclass
 class TrainConfig:
+    """The loop's options. These defaults serve a direct call of ``train`` (a random head, one
+    evaluation per epoch); a pipeline run fills every field that ``training.profiles.Profile`` also
+    has from the profile (``training.stages.train_config``), so a build's defaults are Profile's."""
+
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 32
@@ -166,11 +170,11 @@ def length_bucketed(
 def sampler_weights(labels: Sequence[int], power: float = 1.0) -> np.ndarray:
     """Per-example draw weights ``1 / count(class) ** power``: with ``power = 1`` every class gets
     the same expected share of each batch, ``0.5`` goes halfway (square root), ``0`` is uniform."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.size == 0:
+    label_ids = np.asarray(labels, dtype=np.int64)
+    if label_ids.size == 0:
         return np.zeros(0, dtype=np.float64)
-    counts = np.bincount(labels).astype(np.float64)
-    return 1.0 / counts[labels] ** power
+    counts = np.bincount(label_ids).astype(np.float64)
+    return 1.0 / counts[label_ids] ** power
 
 
 class TrainBatches:
@@ -371,7 +375,7 @@ def train(
     num_labels = model.head.out_features
     teacher = _teacher_tensor(teacher_logits, len(train_ids), num_labels)
     has_val = bool(val_texts) and val_labels is not None
-    val_ids = encode(tokenizer, val_texts) if has_val else []
+    val_ids = encode(tokenizer, val_texts) if has_val and val_texts else []
 
     steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
     total = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -381,7 +385,7 @@ def train(
     keep_4bit_layers_trainable(model)  # before any forward: see training.model
     if cfg.freeze_embeddings:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
-    resuming = cfg.resume and (Path(cfg.checkpoint_dir) / CHECKPOINT_LAST).is_file()
+    resuming = bool(cfg.resume and cfg.checkpoint_dir and (Path(cfg.checkpoint_dir) / CHECKPOINT_LAST).is_file())
     if cfg.head_init == "prototype" and not resuming:  # a resumed head comes from the checkpoint
         init_head_from_prototypes(model, train_ids, train_labels, pad, per_class=cfg.prototype_per_class,
                                   bf16=cfg.bf16, seed=cfg.seed)
@@ -389,7 +393,7 @@ def train(
     loss_fn = make_loss(cfg, labels_t, weights, teacher)
     batches = TrainBatches([len(x) for x in train_ids], train_labels, cfg)
     state, best_state = LoopState(), None
-    if cfg.resume:
+    if cfg.resume and cfg.checkpoint_dir:  # check_train_config: resume needs a checkpoint_dir
         state, best_state = resume_from_checkpoint(cfg.checkpoint_dir, model, optimizer, batches, asdict(cfg),
                                                    len(train_ids))
     start_step = state.step

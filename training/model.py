@@ -344,11 +344,11 @@ def init_head_from_prototypes(
     alpha chosen to minimise the NLL of the sample. With hundreds of classes and a few dozen examples each, training then starts from a
     sensible ranking instead of chance. Returns alpha."""
     rng = random.Random(seed)
-    labels = np.asarray(labels)
+    label_ids = np.asarray(labels)
     num_labels = model.head.out_features
     chosen: list[int] = []
     for c in range(num_labels):
-        idx = np.flatnonzero(labels == c).tolist()
+        idx = np.flatnonzero(label_ids == c).tolist()
         rng.shuffle(idx)
         chosen += idx[:per_class]
     if not chosen:
@@ -362,7 +362,7 @@ def init_head_from_prototypes(
         with autocast(bf16):
             pooled = model.pool(*collate([ids[i] for i in chunk], pad_id))
         feats.append(pooled.float())
-        ys.append(torch.as_tensor(labels[chunk]))
+        ys.append(torch.as_tensor(label_ids[chunk]))
     model.train(was_training)
     x, y = torch.cat(feats), torch.cat(ys)
     center = x.mean(0, keepdim=True)

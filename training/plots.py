@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from training.calibrate import expected_calibration_error
-from training.evaluate import reliability_bins
+from training.evaluate import IntSeq, reliability_bins
 
 LABEL_CHARS = 28  # tick labels longer than this are cut: 600 OMIM names must stay legible
 
@@ -30,7 +30,7 @@ def _short(name: str, chars: int = LABEL_CHARS) -> str:
     return name if len(name) <= chars else name[: chars - 1] + "…"
 
 
-def most_confused_classes(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int, k: int) -> np.ndarray:
+def most_confused_classes(y_true: IntSeq, y_pred: IntSeq, num_classes: int, k: int) -> np.ndarray:
     """The ``k`` classes (ascending ids) involved in the most errors, as the true class (missed) or
     the predicted one (wrongly given); ties, and classes without errors, go by test support."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
@@ -42,7 +42,7 @@ def most_confused_classes(y_true: Sequence[int], y_pred: Sequence[int], num_clas
     return np.sort(np.lexsort((-support[:num_classes], -mass[:num_classes]))[:k])
 
 
-def shown_confusion(y_true: Sequence[int], y_pred: Sequence[int], shown: np.ndarray, num_classes: int) -> np.ndarray:
+def shown_confusion(y_true: IntSeq, y_pred: IntSeq, shown: np.ndarray, num_classes: int) -> np.ndarray:
     """Row-normalised confusion among ``shown`` classes: ``[len(shown), len(shown) + 1]``, the last
     column the share predicted as a class outside ``shown`` (so every row with examples sums to 1).
     Built without the full ``num_classes``-square matrix (4800 classes would be 184 MB)."""
@@ -61,7 +61,7 @@ def shown_confusion(y_true: Sequence[int], y_pred: Sequence[int], shown: np.ndar
 
 
 def confusion_matrix_png(
-    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str], path: str | Path, max_classes: int = 40
+    y_true: IntSeq, y_pred: IntSeq, labels: Sequence[str], path: str | Path, max_classes: int = 40
 ) -> Path:
     """Row-normalised confusion matrix as a PNG. With more than ``max_classes`` classes only the
     ``max_classes`` most-confused ones are drawn (the title says so) plus an "(other)" column for
@@ -101,7 +101,7 @@ def confusion_matrix_png(
     return path
 
 
-def reliability_diagram_png(probs: np.ndarray, y_true: Sequence[int], path: str | Path, n_bins: int = 15) -> Path:
+def reliability_diagram_png(probs: np.ndarray, y_true: IntSeq, path: str | Path, n_bins: int = 15) -> Path:
     """Reliability diagram of the top-1 prediction: accuracy per confidence bin against the
     diagonal (perfect calibration), the gap to the bin's mean confidence, ECE in the title; below
     it a histogram of the confidences."""

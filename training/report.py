@@ -33,6 +33,7 @@ from training import evaluate as ev
 from training.calibrate import expected_calibration_error
 from training.evaluate import (
     RARE_FRACTION,
+    IntSeq,
     json_safe,
     macro_f1_over,
     peak_rss_mb,
@@ -90,14 +91,14 @@ def evaluation_report(
     tokenizer_path: str | Path,
     max_length: int,
     texts: Sequence[str],
-    y_true: Sequence[int],
+    y_true: IntSeq,
     label_names: Sequence[str],
     out_dir: str | Path,
     *,
     temperature: float = 1.0,
     threshold: float | None = None,
     confidence_top_k: int = 1,
-    train_support: Sequence[int] | None = None,
+    train_support: IntSeq | None = None,
     fp32_onnx_path: str | Path | None = None,
     latency_n: int = 200,
     rare_fraction: float = RARE_FRACTION,
@@ -196,7 +197,10 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown_table(columns: Sequence[tuple[str, str, Callable[[Any], str]]], rows: Sequence[dict]) -> str:
+Column = tuple[str, str, Callable[[Any], str]]  # (key, header, formatter)
+
+
+def _markdown_table(columns: Sequence[Column], rows: Sequence[dict]) -> str:
     """``columns``: (key, header, formatter); a missing key renders as "n/a"."""
     lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
@@ -210,7 +214,7 @@ def _digits(n: int) -> Callable[[Any], str]:
     return lambda value: _fmt(float(value) if type(value) is int else value, n)
 
 
-_CLASS_COLUMNS = [
+_CLASS_COLUMNS: list[Column] = [
     ("label", "class", str),
     ("f1", "F1", _digits(3)),
     ("precision", "precision", _digits(3)),
@@ -302,13 +306,13 @@ def render_report_markdown(report: dict, *, max_rare_rows: int = 40) -> str:
 
 
 # The quality columns both tables share, then what each one is about.
-_QUALITY_COLUMNS = [
+_QUALITY_COLUMNS: list[Column] = [
     ("accuracy", "accuracy", _digits(4)),
     ("macro_f1", "macro-F1", _digits(4)),
     ("rare_f1", "rare-F1", _digits(4)),
 ]
 
-COMPARISON_COLUMNS = [
+COMPARISON_COLUMNS: list[Column] = [
     ("model", "model", str),
     *_QUALITY_COLUMNS,
     ("p50_ms", "p50 ms", _digits(2)),
@@ -317,7 +321,7 @@ COMPARISON_COLUMNS = [
     ("peak_rss_mb", "peak RSS MB", _digits(1)),
 ]
 
-METHOD_COLUMNS = [
+METHOD_COLUMNS: list[Column] = [
     ("method", "method", str),
     *_QUALITY_COLUMNS,
     ("int8_size_mb", "int8 size MB", _digits(1)),

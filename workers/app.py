@@ -14,37 +14,42 @@ from typing import Any
 
 from celery import Celery, signals
 
-from workers.settings import get_settings
+from workers.settings import Settings, get_settings
 
-_settings = get_settings()
 
-app = Celery("ehr-worker", broker=_settings.redis_url, backend=_settings.redis_url, include=["workers.tasks"])
+def make_app(settings: Settings) -> Celery:
+    """The ehr-worker Celery app on ``settings.redis_url`` (broker and result backend)."""
+    app = Celery("ehr-worker", broker=settings.redis_url, backend=settings.redis_url,
+                 include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One order at a time per child: with acks_late a prefetched order would wait behind a slow one.
+        worker_prefetch_multiplier=1,
+        task_track_started=False,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        # Tasks never retry themselves (the consumer owns retrying), so an unacknowledged task only
+        # needs to outlive the hard time limit before Redis hands it to another worker.
+        broker_transport_options={
+            "visibility_timeout": max(settings.broker_visibility_timeout_s, int(settings.task_hard_time_limit_s) + 30)
+        },
+        # A stuck order cannot hold a child for ever: the soft limit reports task_timeout, the hard
+        # one kills and replaces the child.
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=max(settings.task_hard_time_limit_s, settings.task_soft_time_limit_s + 5),
+        task_default_queue="ehr-worker",
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+    )
+    return app
 
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    result_accept_content=["json"],
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    # One order at a time per child: with acks_late a prefetched order would wait behind a slow one.
-    worker_prefetch_multiplier=1,
-    task_track_started=False,
-    result_expires=3600,
-    broker_connection_retry_on_startup=True,
-    # Tasks never retry themselves (the consumer owns retrying), so an unacknowledged task only
-    # needs to outlive the hard time limit before Redis hands it to another worker.
-    broker_transport_options={
-        "visibility_timeout": max(_settings.broker_visibility_timeout_s, int(_settings.task_hard_time_limit_s) + 30)
-    },
-    # A stuck order cannot hold a child for ever: the soft limit reports task_timeout, the hard
-    # one kills and replaces the child.
-    task_soft_time_limit=_settings.task_soft_time_limit_s,
-    task_time_limit=max(_settings.task_hard_time_limit_s, _settings.task_soft_time_limit_s + 5),
-    task_default_queue="ehr-worker",
-    worker_hijack_root_logger=False,
-    timezone="UTC",
-)
+
+app = make_app(get_settings())
 
 
 @signals.worker_init.connect

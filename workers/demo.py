@@ -12,25 +12,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from contextlib import ExitStack
 from importlib import resources
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.table import Table
 
-from connectors.embedded import ensure_redis, start_sekmet, start_tansu
 from connectors.fhir import FhirClient, FhirPermanentError
-from connectors.kafka import ensure_topics, make_producer
 from connectors.replay import event_key
 from models.registry import ModelNotFoundError, ModelRegistry
 from schemas.events import EventRejected, parse_event, skip_reason
+from schemas.jsonlines import read_json_lines
+from schemas.tasks import TASKS
 from schemas.text import is_imaging_order
+from workers.local import LocalStack
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,7 @@ def _host_port(address: str, default_port: int) -> tuple[str, int]:
 def _ensure_models(settings: Settings, profile: str) -> None:
     registry = ModelRegistry(settings.model_registry)
     missing = []
-    for task in ("protocol", "diagnosis"):
+    for task in TASKS:
         try:
             registry.current_dir(task)
         except ModelNotFoundError:
@@ -58,17 +56,13 @@ def _ensure_models(settings: Settings, profile: str) -> None:
 
         console.print(f"[bold]Building the default models ({', '.join(missing)}) into {settings.model_registry}[/]")
         build_models(settings.model_registry, tasks=tuple(missing), profile=profile, progress=True)
-    for task in ("protocol", "diagnosis"):
+    for task in TASKS:
         registry.verify(task)
-
-
-def _read_ndjson(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def fixture_events() -> tuple[list[dict], list[tuple[str, bytes]]]:
     """Patients to seed, and (name, raw bytes) of every bundled order event."""
-    patients = _read_ndjson(FIXTURES / "patients.ndjson")
+    patients = read_json_lines(str(FIXTURES / "patients.ndjson"))
     events: list[tuple[str, bytes]] = []
     for f in sorted((FIXTURES / "hl7").iterdir(), key=lambda p: p.name):
         events.append((f"hl7/{f.name}", f.read_bytes()))
@@ -194,46 +188,26 @@ def _print_table(orders: list[dict], suggestions, dlq_count: int, labels: dict) 
 
 
 def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
-    from workers.app import app
     from workers.dispatch import build_consumer, build_dispatcher
-    from workers.local import start_worker
 
     settings = get_settings()
     _ensure_models(settings, profile)
-    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="ehrw-demo-") as tmp:
-        work = Path(tmp)
-        _, kafka_port = _host_port(settings.kafka_bootstrap, 9092)
-        _, fhir_port = _host_port(settings.fhir_base_url, 8090)
-        _, redis_port = _host_port(settings.redis_url, 6379)
-        console.print(f"[bold]Starting services[/]: Kafka (Tansu) :{kafka_port}, FHIR (sekmet) :{fhir_port}, Redis :{redis_port}")
-        stack.callback(start_tansu(kafka_port, work / "tansu").stop)
-        stack.callback(start_sekmet(fhir_port, work / "sekmet").stop)
-        redis = ensure_redis(redis_port)
-        if redis is not None:
-            stack.callback(redis.stop)
-        app.control.purge()  # a previous interrupted run may have left tasks in the queue
+    _, kafka_port = _host_port(settings.kafka_bootstrap, 9092)
+    _, fhir_port = _host_port(settings.fhir_base_url, 8090)
+    _, redis_port = _host_port(settings.redis_url, 6379)
+    console.print(f"[bold]Starting services[/]: Kafka (Tansu) :{kafka_port}, FHIR (sekmet) :{fhir_port}, Redis :{redis_port}")
+    with LocalStack(settings, kafka_port=kafka_port, fhir_port=fhir_port) as stack:
+        stack.purge()  # a previous interrupted run may have left tasks in the queue
 
         fhir = FhirClient(settings.fhir_base_url)
         patients, events = fixture_events()
         published = seed_fhir(fhir, patients, events)
 
-        ensure_topics(settings.kafka_bootstrap, [settings.kafka_topic, settings.kafka_dlq_topic, settings.kafka_result_topic])
-        env = {
-            "EHRW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "EHRW_REDIS_URL": settings.redis_url,
-            "EHRW_FHIR_BASE_URL": settings.fhir_base_url,
-            "EHRW_MODEL_REGISTRY": str(Path(settings.model_registry).resolve()),
-        }
+        stack.create_topics()
         console.print("[bold]Starting a Celery worker[/] (celery -A workers worker)")
-        worker = start_worker(env, work / "worker.log", app=app, concurrency=2, name="demo")
-        stack.callback(worker.stop)
+        stack.start_worker(concurrency=2, name="demo")
 
-        producer = make_producer(settings.kafka_bootstrap)
-        for _, raw in published:
-            key = event_key(raw)
-            producer.send(settings.kafka_topic, key=key.encode() if key else None, value=raw)
-        producer.flush()
-        producer.close()
+        stack.publish([(key.encode() if (key := event_key(raw)) else None, raw) for _, raw in published])
         console.print(f"[bold]Published {len(published)} events[/] to {settings.kafka_topic}; consuming…")
 
         consumer = build_consumer(settings)

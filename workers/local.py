@@ -1,4 +1,5 @@
-"""A real ``celery -A workers worker`` subprocess for the demo, the benchmark and the tests."""
+"""Everything on one machine for the demo, the benchmark and the tests: real ``celery -A workers
+worker`` subprocesses, and :class:`LocalStack` (services, settings, worker, topics, events)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
 
 from celery import Celery
+
+from connectors.embedded import EmbeddedServices
+from connectors.kafka import ensure_topics, make_producer
+from workers.settings import Settings
 
 
 class WorkerProcess:
@@ -76,3 +84,88 @@ def start_worker(
         time.sleep(0.5)
     worker.stop()
     raise RuntimeError(f"celery worker not ready after {ready_timeout:.0f}s; see {log_path}:\n{worker.log_tail()}")
+
+
+class LocalStack:
+    """Kafka (Tansu), FHIR (sekmet) and Redis on this machine (``connectors.embedded``), the
+    ``EHRW_*`` settings that point a worker at them, and real ``celery worker`` processes: what the
+    demo, the bench and the tests run on. A context manager; ``stop()`` stops what it started.
+
+    ``settings`` name the topics, the registry and the Redis database; their Kafka and FHIR
+    addresses are replaced by the started services' unless ``kafka_port``/``fhir_port`` pin them.
+    ``app`` is the Celery app that purges and pings (by default ``workers.app.app``, the one the
+    dispatcher sends with): it must already use ``settings.redis_url``.
+    """
+
+    def __init__(self, settings: Settings, *, workdir: Path | None = None, kafka_port: int | None = None,
+                 fhir_port: int | None = None, app: Celery | None = None) -> None:
+        redis_port = urlsplit(settings.redis_url).port or 6379
+        self.services = EmbeddedServices(workdir, kafka_port=kafka_port, fhir_port=fhir_port, redis_port=redis_port)
+        self.settings = settings.model_copy(update={"kafka_bootstrap": self.services.kafka_bootstrap,
+                                                    "fhir_base_url": self.services.fhir_base_url})
+        self.workdir = self.services.workdir
+        self._app = app
+        self.workers: list[WorkerProcess] = []
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            from workers.app import app
+
+            self._app = app
+        return self._app
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The ``EHRW_*`` environment of a worker on this stack (``extra``: more ``EHRW_*`` values)."""
+        s = self.settings
+        return {
+            "EHRW_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "EHRW_REDIS_URL": s.redis_url,
+            "EHRW_FHIR_BASE_URL": s.fhir_base_url,
+            "EHRW_MODEL_REGISTRY": str(Path(s.model_registry).resolve()),
+            "EHRW_MODEL_THREADS": str(s.model_threads),
+            **extra,
+        }
+
+    def start(self) -> Self:
+        self.services.start()
+        return self
+
+    def purge(self) -> None:
+        """Drop the tasks an interrupted earlier run left in the queue."""
+        self.app.control.purge()
+
+    def start_worker(self, *, concurrency: int = 2, name: str = "ehrw", **extra_env: str) -> WorkerProcess:
+        worker = start_worker(self.env(**extra_env), self.workdir / f"{name}-worker.log", app=self.app,
+                              concurrency=concurrency, name=name)
+        self.workers.append(worker)
+        return worker
+
+    def create_topics(self) -> None:
+        """The order, dead-letter and result topics of ``settings``."""
+        s = self.settings
+        ensure_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic, s.kafka_result_topic])
+
+    def publish(self, events: Iterable[tuple[bytes | None, bytes]], topic: str | None = None) -> int:
+        """Send ``(key, value)`` events to ``topic`` (default: the order topic) and flush; returns how many."""
+        producer = make_producer(self.settings.kafka_bootstrap)
+        n = 0
+        try:
+            for key, value in events:
+                producer.send(topic or self.settings.kafka_topic, key=key, value=value)
+                n += 1
+            producer.flush()
+        finally:
+            producer.close()
+        return n
+
+    def stop(self) -> None:
+        while self.workers:
+            self.workers.pop().stop()
+        self.services.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -11,33 +11,24 @@ from typing import IO
 
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
+from schemas.jsonlines import iter_json_lines
 from schemas.text import build_model_input, service_request_from_text
 
 
 def read_orders(path: Path) -> Iterator[tuple[str, dict]]:
     """Yield ``(id, ServiceRequest)`` from FHIR NDJSON or JSONL ``{"id", "text"}`` lines."""
-    # utf-8-sig: files saved by spreadsheet tools start with a BOM; the training loaders accept it too.
-    with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            if row.get("resourceType") == "ServiceRequest":
-                yield str(row.get("id", f"line-{lineno}")), row
-            elif "text" in row and "id" in row:
-                if not isinstance(row["text"], str):
-                    raise ValueError(f"{path}:{lineno}: 'text' must be a string")
-                yield str(row["id"]), service_request_from_text(str(row["id"]), row["text"], field="note")
-            else:
-                found = row.get("resourceType") or ", ".join(sorted(row)[:5]) or "nothing"
-                raise ValueError(
-                    f"{path}:{lineno}: expected a ServiceRequest resource or an object with 'id' and 'text' (found {found})"
-                )
+    for lineno, row in iter_json_lines(path):
+        if row.get("resourceType") == "ServiceRequest":
+            yield str(row.get("id", f"line-{lineno}")), row
+        elif "text" in row and "id" in row:
+            if not isinstance(row["text"], str):
+                raise ValueError(f"{path}:{lineno}: 'text' must be a string")
+            yield str(row["id"]), service_request_from_text(str(row["id"]), row["text"], field="note")
+        else:
+            found = row.get("resourceType") or ", ".join(sorted(row)[:5]) or "nothing"
+            raise ValueError(
+                f"{path}:{lineno}: expected a ServiceRequest resource or an object with 'id' and 'text' (found {found})"
+            )
 
 
 @contextmanager

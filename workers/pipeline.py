@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -38,6 +39,17 @@ class Classifier(Protocol):
 class ModelSet:
     protocol: Classifier
     diagnosis: Classifier
+
+
+def applicable_models(sr: dict, context: Sequence[dict] = ()) -> tuple[bool, bool]:
+    """``(protocol, diagnosis)``: whether each model runs on this order. The protocol model for
+    imaging orders, the diagnosis model when the order (or its context) carries clinical text."""
+    return is_imaging_order(sr), bool(clinical_text(sr, context))
+
+
+def worth_writing(protocol: ModelOutput | None, diagnosis: ModelOutput | None) -> bool:
+    """Whether there is a suggestion to write back: a protocol, or a diagnosis that did not abstain."""
+    return protocol is not None or (diagnosis is not None and not diagnosis.abstained)
 
 
 def order_reference(sr: dict) -> str:
@@ -129,15 +141,16 @@ def suggest_for_order(
     context = _fetch_context(fhir, sr) if enrich_context else []
     text = build_model_input(sr, context)
 
-    protocol = predict_protocol(models.protocol, sr, text, top_k) if is_imaging_order(sr) else None
-    diagnosis = models.diagnosis.predict([text], top_k=top_k)[0] if clinical_text(sr, context) else None
+    run_protocol, run_diagnosis = applicable_models(sr, context)
+    protocol = predict_protocol(models.protocol, sr, text, top_k) if run_protocol else None
+    diagnosis = models.diagnosis.predict([text], top_k=top_k)[0] if run_diagnosis else None
     outcome: dict[str, Any] = {
         "order": order,
         "imaging": protocol is not None,
         "protocol": protocol.to_json() if protocol else None,
         "diagnosis": diagnosis.to_json() if diagnosis else None,
     }
-    if protocol is None and (diagnosis is None or diagnosis.abstained):
+    if not worth_writing(protocol, diagnosis):
         # Nothing to write: not an imaging order and no confident diagnosis. Recorded, not an error.
         outcome.update(status="no_suggestion", resources={})
         return outcome

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -46,6 +45,7 @@ from schemas.catalog import (
     protocol_by_code,
     protocol_by_display,
 )
+from schemas.jsonlines import JsonLinesError, iter_json_lines
 from schemas.labels import Label
 from schemas.text import service_request_from_text
 
@@ -201,16 +201,8 @@ def _fhir_items(path: Path, line: int, obj: dict, task: Task, group) -> Iterator
 
 
 def _read_json_lines(path: Path, task: Task) -> Iterator[LabelledOrder]:
-    with path.open("r", encoding="utf-8-sig") as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DatasetFormatError(path, n, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DatasetFormatError(path, n, f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        for n, obj in iter_json_lines(path):
             if "resourceType" in obj:
                 yield from _fhir_items(path, n, obj, task, None)
             else:
@@ -218,6 +210,8 @@ def _read_json_lines(path: Path, task: Task) -> Iterator[LabelledOrder]:
                 if missing:
                     raise DatasetFormatError(path, n, f"missing key(s) {', '.join(missing)} (expected 'text' and 'label')")
                 yield _text_item(path, n, obj["text"], obj["label"], task, obj.get("id"), obj.get("group"))
+    except JsonLinesError as exc:
+        raise DatasetFormatError(path, exc.line, exc.problem) from None
 
 
 def _read_csv(path: Path, task: Task, delimiter: str) -> Iterator[LabelledOrder]:

@@ -19,11 +19,13 @@ def load_splits(task: str, p: Profile, seed: int) -> dict[str, Dataset]:
     of the test generator (held-out phrasings, another seed, no example shared with test), so the
     temperature and threshold are fitted on text that differs from training the way real orders do."""
     heldout = p.calibration_split == "heldout"
+    out: dict[str, Dataset] = {}
     if task == "protocol":
         from training.datasets import protocol
 
         sizes: dict[Split, int] = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
-        out = {s: protocol.generate(n, seed=seed, split=s) for s, n in sizes.items()}
+        for split, n in sizes.items():
+            out[split] = protocol.generate(n, seed=seed, split=split)
         if heldout:
             out["calib"] = protocol.generate(p.n_val, seed=seed + CALIBRATION_SEED_OFFSET, split="test")
         return out
@@ -33,8 +35,10 @@ def load_splits(task: str, p: Profile, seed: int) -> dict[str, Dataset]:
         def gen(n: int, split: Split, s: int) -> Dataset:
             return diagnosis.generate(n, seed=s, split=split, max_diseases=p.max_diseases)
 
-        per_disease: dict[Split, int] = {"train": p.n_train_per_disease, "val": p.n_val_per_disease, "test": p.n_test_per_disease}
-        out = {s: gen(n, s, seed) for s, n in per_disease.items()}
+        per_disease: dict[Split, int] = {"train": p.n_train_per_disease, "val": p.n_val_per_disease,
+                                         "test": p.n_test_per_disease}
+        for split, n in per_disease.items():
+            out[split] = gen(n, split, seed)
         if heldout:
             out["calib"] = gen(p.n_val_per_disease, "test", seed + CALIBRATION_SEED_OFFSET)
         return out
