@@ -21,7 +21,7 @@ import json
 import os
 import random
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -39,7 +39,7 @@ FUZZ_TOTAL = int(os.environ.get("EHRW_FUZZ_EVENTS", "10000"))  # CI: at least 10
 # (share of FUZZ_TOTAL, events checked per hypothesis example) per test below; shares sum to 1.
 _PLAN = {"structured": (0.1, 1), "mutated": (0.6, 16), "bytes": (0.2, 16), "json": (0.1, 1)}
 SECRET = "Zqxj belmonte"  # stands for patient text: it must never reach a rejection message
-RECORDED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+RECORDED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 _timings: list[tuple[float, int]] = []
 _slowest: list[tuple[float, bytes]] = []  # the 5 slowest inputs, re-timed warm in the report
 
