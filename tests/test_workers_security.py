@@ -15,7 +15,14 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from schemas.events import OrderItem
 from workers.clients import celery_connection_conf, kafka_client_config, redis_url
-from workers.payload import PayloadError, open_task_payload, payload_cipher, task_argsrepr, task_payload
+from workers.payload import (
+    PayloadError,
+    apply_async_options,
+    open_task_payload,
+    payload_cipher,
+    task_argsrepr,
+    task_payload,
+)
 from workers.settings import Settings
 
 NOTE = "Xylophone Quagmire, 47, suspected Fabry disease"
@@ -67,6 +74,9 @@ def test_missing_wrong_or_tampered_keys_fail_clearly(cipher):
         task_payload(OrderItem(service_request=_order()), None)
     with pytest.raises(PayloadError, match="not a Fernet key"):
         payload_cipher("too-short")
+    assert payload_cipher(Settings(payload_key=Fernet.generate_key().decode()).payload_key) is not None
+    with pytest.raises(PayloadError, match="EHRW_PAYLOAD_KEY is not set"):
+        payload_cipher(Settings().payload_key)
     payload = task_payload(OrderItem(service_request=_order()), cipher)
     with pytest.raises(PayloadError, match="cannot be decrypted"):
         open_task_payload(payload, payload_cipher(Fernet.generate_key().decode()))
@@ -81,9 +91,9 @@ def test_redis_holds_no_order_text_for_a_queued_task(cipher, services):
     from workers.app import app
     from workers.tasks import suggest
 
-    payload = task_payload(OrderItem(service_request=_order(meta={"versionId": "1"})), cipher)
+    options = apply_async_options(OrderItem(service_request=_order(meta={"versionId": "1"})), cipher)
     queue = f"payload-test-{uuid.uuid4().hex[:8]}"
-    suggest.apply_async(args=[payload], argsrepr=task_argsrepr(payload), kwargsrepr="{}", queue=queue)
+    suggest.apply_async(**options, queue=queue)
     client = redis.Redis.from_url(services.redis_url)
     try:
         keys = list(client.scan_iter(count=1000))
