@@ -379,6 +379,11 @@ class FhirClient:
                 # A request that may have reached the server is only retried when repeating it is harmless.
                 retryable = idempotent or isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
             except httpx.TransportError as exc:
+                if _certificate_rejected(exc):  # waiting will not make the certificate trusted
+                    raise FhirConfigurationError(
+                        f"{operation}: the TLS certificate of {self._base.netloc} is not trusted",
+                        None, "EHRW_FHIR_CA_FILE (the CA bundle of the hospital's PKI) and EHRW_FHIR_BASE_URL",
+                    ) from None
                 failure = FhirTransientError(
                     f"{operation}: {type(exc).__name__} talking to {self._base.netloc}"
                 )
@@ -424,6 +429,15 @@ class FhirClient:
             )  # fmt: skip
             self._sleep_before_retry(attempt, failure.retry_after)
             attempt += 1
+
+
+def _certificate_rejected(exc: BaseException) -> bool:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _check_type(resource_type: object) -> str:

@@ -175,3 +175,82 @@ def test_a_celery_app_with_the_conf_talks_to_the_real_redis(services):
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)
         assert conn.transport_options["socket_timeout"] == 2
+
+
+# -- FHIR over TLS with a private CA ---------------------------------------------------------------
+
+
+def _self_signed_ca_and_server_cert(tmp_path):
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("test hospital CA")).issuer_name(name("test hospital CA"))
+        .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(2).not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    paths["key"].write_bytes(key_pem)
+    return paths
+
+
+def test_fhir_over_tls_trusts_the_configured_ca_only(tmp_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from connectors.fhir import FhirConfigurationError
+    from workers.clients import build_fhir_client
+
+    paths = _self_signed_ca_and_server_cert(tmp_path)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"resourceType": "Patient", "id": "p1"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(paths["cert"], paths["key"])
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"https://127.0.0.1:{httpd.server_address[1]}/fhir"
+    try:
+        common = {"fhir_base_url": base, "fhir_auth": "bearer", "fhir_token": "t", "fhir_max_retries": 2}
+        with build_fhir_client(Settings(**common, fhir_ca_file=paths["ca"])) as fhir:
+            assert fhir.read("Patient/p1")["id"] == "p1"
+        with build_fhir_client(Settings(**common)) as fhir, pytest.raises(FhirConfigurationError) as err:
+            fhir.read("Patient/p1")  # the system trust store does not know the hospital's CA
+        assert "EHRW_FHIR_CA_FILE" in str(err.value)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
