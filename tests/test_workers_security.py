@@ -170,11 +170,16 @@ def test_celery_connection_conf_sets_tls_password_and_timeouts(tmp_path):
 def test_a_celery_app_with_the_conf_talks_to_the_real_redis(services):
     from celery import Celery
 
+    from workers.clients import configure_celery_connection
+
     app = Celery("conf-test")
-    app.conf.update(celery_connection_conf(Settings(redis_url=services.redis_url, redis_socket_timeout_s=2)))
+    app.conf.update(broker_transport_options={"visibility_timeout": 3600})
+    configure_celery_connection(app, Settings(redis_url=services.redis_url, redis_socket_timeout_s=2))
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)
         assert conn.transport_options["socket_timeout"] == 2
+        assert conn.transport_options["visibility_timeout"] == 3600  # the app's own option kept
+    assert app.backend.client.ping() and app.backend.connparams["socket_timeout"] == 2
 
 
 # -- FHIR over TLS with a private CA ---------------------------------------------------------------
