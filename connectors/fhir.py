@@ -113,7 +113,9 @@ class FhirClient:
         self.backoff_max = backoff_max
         self.max_pages = max_pages
         self._base = urlsplit(self.base_url)
-        self._tokens = TokenCache(self.auth) if self.auth.kind in ("client_credentials", "smart_backend") else None
+        self._tokens: TokenCache | None = None
+        if self.auth.kind in ("client_credentials", "smart_backend"):
+            self._tokens = TokenCache(self.auth, self.base_url, allow_insecure_http=allow_insecure_http)
         self._base_checked_until = 0.0
         self._http = httpx.Client(
             timeout=timeout,
