@@ -113,7 +113,9 @@ class FhirClient:
         self.backoff_max = backoff_max
         self.max_pages = max_pages
         self._base = urlsplit(self.base_url)
-        self._tokens = TokenCache(self.auth) if self.auth.kind in ("client_credentials", "smart_backend") else None
+        self._tokens: TokenCache | None = None
+        if self.auth.kind in ("client_credentials", "smart_backend"):
+            self._tokens = TokenCache(self.auth, self.base_url, allow_insecure_http=allow_insecure_http)
         self._base_checked_until = 0.0
         self._http = httpx.Client(
             timeout=timeout,
@@ -379,6 +381,11 @@ class FhirClient:
                 # A request that may have reached the server is only retried when repeating it is harmless.
                 retryable = idempotent or isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
             except httpx.TransportError as exc:
+                if _certificate_rejected(exc):  # waiting will not make the certificate trusted
+                    raise FhirConfigurationError(
+                        f"{operation}: the TLS certificate of {self._base.netloc} is not trusted",
+                        None, "EHRW_FHIR_CA_FILE (the CA bundle of the hospital's PKI) and EHRW_FHIR_BASE_URL",
+                    ) from None
                 failure = FhirTransientError(
                     f"{operation}: {type(exc).__name__} talking to {self._base.netloc}"
                 )
@@ -424,6 +431,15 @@ class FhirClient:
             )  # fmt: skip
             self._sleep_before_retry(attempt, failure.retry_after)
             attempt += 1
+
+
+def _certificate_rejected(exc: BaseException) -> bool:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _check_type(resource_type: object) -> str:

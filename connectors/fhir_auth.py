@@ -50,8 +50,9 @@ class FhirAuth:
     - ``client_credentials``: OAuth2 client credentials with a client secret (token_url, client_id,
       client_secret, optional scope); the client id and secret go in HTTP Basic
       (``client_secret_basic``) unless ``client_auth="post"`` puts them in the form body;
-    - ``smart_backend``: SMART Backend Services (token_url, client_id, private_key_path, scope such
-      as ``system/ServiceRequest.rs system/Task.cu``; optional key_id (``kid``), jku, algorithm).
+    - ``smart_backend``: SMART Backend Services (client_id, private_key_path, scope such as
+      ``system/ServiceRequest.rs system/Task.cu``; optional key_id (``kid``), jku, algorithm, and
+      token_url, found in ``[base]/.well-known/smart-configuration`` when not set).
     """
 
     kind: AuthKind = "none"
@@ -74,7 +75,7 @@ class FhirAuth:
             "basic": ("username", "password"),
             "bearer": ("token",),
             "client_credentials": ("token_url", "client_id", "client_secret"),
-            "smart_backend": ("token_url", "client_id", "private_key_path", "scope"),
+            "smart_backend": ("client_id", "private_key_path", "scope"),
         }
         if self.kind not in required:
             raise ValueError(f"unknown FHIR auth kind {self.kind!r}; use one of {', '.join(required)}")
@@ -101,22 +102,35 @@ def check_transport(base_url: str, auth: FhirAuth, *, allow_insecure_http: bool 
     if auth.token_url:
         urls.append(("EHRW_FHIR_TOKEN_URL", auth.token_url))
     for variable, url in urls:
-        parts = urlsplit(url)
-        remote = (parts.hostname or "") not in _LOCAL_HOSTS
-        if parts.scheme == "http" and remote and auth.sends_credentials and not allow_insecure_http:
-            raise ValueError(
-                f"{variable} is http:// and FHIR auth {auth.kind!r} would send credentials in clear "
-                f"to {parts.hostname}; use https:// or set EHRW_FHIR_ALLOW_INSECURE_HTTP=true"
-            )
+        _check_url(variable, url, auth, allow_insecure_http)
+
+
+def _check_url(variable: str, url: str, auth: FhirAuth, allow_insecure_http: bool) -> None:
+    parts = urlsplit(url)
+    remote = (parts.hostname or "") not in _LOCAL_HOSTS
+    if parts.scheme == "http" and remote and auth.sends_credentials and not allow_insecure_http:
+        raise ValueError(
+            f"{variable} is http:// and FHIR auth {auth.kind!r} would send credentials in clear "
+            f"to {parts.hostname}; use https:// or set EHRW_FHIR_ALLOW_INSECURE_HTTP=true"
+        )
 
 
 class TokenCache:
-    """An OAuth2 access token, fetched lazily and reused until shortly before expiry."""
+    """An OAuth2 access token, fetched lazily and reused until shortly before expiry.
 
-    def __init__(self, auth: FhirAuth) -> None:
+    ``base_url``: the FHIR base, where SMART discovery finds the token endpoint when
+    ``auth.token_url`` is not set.
+    """
+
+    def __init__(self, auth: FhirAuth, base_url: str = "", *, allow_insecure_http: bool = False) -> None:
         if auth.kind not in ("client_credentials", "smart_backend"):
             raise ValueError(f"no access tokens for FHIR auth {auth.kind!r}")
+        if auth.token_url is None and not base_url:
+            raise ValueError("FHIR auth needs EHRW_FHIR_TOKEN_URL (or a base URL to discover it)")
         self._auth = auth
+        self._base_url = base_url.rstrip("/")
+        self._allow_insecure_http = allow_insecure_http
+        self.token_url = auth.token_url
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = threading.Lock()
@@ -133,15 +147,38 @@ class TokenCache:
                 self._expires_at = time.monotonic() + max(0.0, lifetime - TOKEN_EXPIRY_SKEW_S)
             return self._token
 
+    def _discover(self, http: httpx.Client) -> str:
+        """The token endpoint from ``[base]/.well-known/smart-configuration`` (SMART App Launch 2)."""
+        url = f"{self._base_url}/.well-known/smart-configuration"
+        try:
+            resp = http.get(url, headers={"Accept": "application/json"})
+        except httpx.TransportError as exc:
+            raise FhirTransientError(f"SMART discovery at {url} failed: {type(exc).__name__}") from exc
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise FhirTransientError(f"SMART discovery at {url} answered {resp.status_code}", status=resp.status_code)
+        try:
+            endpoint = resp.json()["token_endpoint"] if resp.status_code == 200 else None
+        except (ValueError, KeyError, TypeError):
+            endpoint = None
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            raise FhirConfigurationError(
+                f"{url} gives no token_endpoint (HTTP {resp.status_code})", resp.status_code, "EHRW_FHIR_TOKEN_URL"
+            )
+        _check_url("the discovered token_endpoint", endpoint, self._auth, self._allow_insecure_http)
+        return endpoint
+
     def _fetch(self, http: httpx.Client) -> tuple[str, float]:
         a = self._auth
-        assert a.token_url and a.client_id
+        if self.token_url is None:
+            self.token_url = self._discover(http)
+        token_url = self.token_url
+        assert a.client_id
         form = {"grant_type": "client_credentials"}
         if a.scope:
             form["scope"] = a.scope
         basic: httpx.BasicAuth | None = None
         if self._signer is not None:
-            form.update(client_assertion_type=CLIENT_ASSERTION_TYPE, client_assertion=self._signer.assertion())
+            form.update(client_assertion_type=CLIENT_ASSERTION_TYPE, client_assertion=self._signer.assertion(token_url))
             variables = "EHRW_FHIR_CLIENT_ID, EHRW_FHIR_PRIVATE_KEY_PATH (its public key registered?), EHRW_FHIR_SCOPE"
         else:
             assert a.client_secret
@@ -152,12 +189,12 @@ class TokenCache:
             variables = "EHRW_FHIR_CLIENT_ID, EHRW_FHIR_CLIENT_SECRET, EHRW_FHIR_SCOPE"
         variables += " and EHRW_FHIR_TOKEN_URL"
         try:
-            resp = http.post(a.token_url, data=form, auth=basic, headers={"Accept": "application/json"})
+            resp = http.post(token_url, data=form, auth=basic, headers={"Accept": "application/json"})
         except httpx.TransportError as exc:
-            raise FhirTransientError(f"token request to {a.token_url} failed: {type(exc).__name__}") from exc
+            raise FhirTransientError(f"token request to {token_url} failed: {type(exc).__name__}") from exc
         if resp.status_code == 429 or resp.status_code >= 500:
             raise FhirTransientError(
-                f"token endpoint {a.token_url} answered {resp.status_code}",
+                f"token endpoint {token_url} answered {resp.status_code}",
                 status=resp.status_code,
                 retry_after=parse_retry_after(resp.headers.get("Retry-After")),
             )
@@ -192,7 +229,7 @@ class _AssertionSigner:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-        assert auth.private_key_path and auth.token_url and auth.client_id
+        assert auth.private_key_path and auth.client_id
         path = Path(auth.private_key_path)
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -213,7 +250,8 @@ class _AssertionSigner:
         self._auth = auth
         self.algorithm = algorithm
 
-    def assertion(self) -> str:
+    def assertion(self, token_url: str) -> str:
+        """A fresh signed assertion for the token endpoint ``token_url`` (its ``aud``)."""
         import jwt
 
         a = self._auth
@@ -221,7 +259,7 @@ class _AssertionSigner:
         claims = {
             "iss": a.client_id,
             "sub": a.client_id,
-            "aud": a.token_url,
+            "aud": token_url,
             "exp": now + _ASSERTION_LIFETIME_S,
             "iat": now,
             "jti": uuid.uuid4().hex,  # one use only: servers refuse a replayed assertion

@@ -63,10 +63,10 @@ def smart_server(tmp_path_factory) -> Iterator[dict]:
     process.stop()
 
 
-def _client(server: dict, key: str, kid: str | None, scope: str = GRANTED) -> FhirClient:
+def _client(server: dict, key: str, kid: str | None, scope: str = GRANTED, *, discover: bool = False) -> FhirClient:
     auth = FhirAuth(
         kind="smart_backend",
-        token_url=server["token_url"],
+        token_url=None if discover else server["token_url"],
         client_id=f"{CLIENT_ID}-{'ec' if key == 'ec' else 'rsa'}",
         private_key_path=str(server[key]),
         key_id=kid,
@@ -80,6 +80,12 @@ def test_private_key_jwt_gets_a_token_and_writes(smart_server, key, kid):
     with _client(smart_server, key, kid) as fhir:
         created = fhir.create({"resourceType": "Patient", "active": True})
         assert created["id"]
+
+
+def test_token_endpoint_is_discovered_from_smart_configuration(smart_server):
+    with _client(smart_server, "rsa", "rsa-1", discover=True) as fhir:
+        assert fhir.create({"resourceType": "Patient"})["id"]
+        assert fhir._tokens.token_url == smart_server["token_url"]
 
 
 def test_token_is_cached_and_refreshed_before_expiry(smart_server):
@@ -108,7 +114,7 @@ def test_an_unregistered_key_is_a_configuration_error(smart_server):
 
 def test_a_key_that_is_not_rs384_or_es384_is_refused(tmp_path):
     p256 = _write_key(ec.generate_private_key(ec.SECP256R1()), tmp_path / "p256.pem")
-    auth = FhirAuth(kind="smart_backend", token_url="https://h/token", client_id="c", private_key_path=str(p256), scope="s")
+    auth = FhirAuth(kind="smart_backend", client_id="c", private_key_path=str(p256), scope="s")
     with pytest.raises(ValueError, match="RS384/ES384"):
         FhirClient("https://h/fhir", auth)
 
@@ -127,7 +133,7 @@ def test_the_assertion_names_its_key_and_audience(smart_server):
         jku="https://ehr-worker.example/jwks.json",
         scope="system/Task.cu",
     )
-    assertion = _AssertionSigner(auth).assertion()
+    assertion = _AssertionSigner(auth).assertion(auth.token_url)
     header = jwt.get_unverified_header(assertion)
     claims = jwt.decode(assertion, options={"verify_signature": False})
     assert header["alg"] == "ES384" and header["kid"] == "ec-1" and header["jku"] == auth.jku

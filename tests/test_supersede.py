@@ -108,3 +108,15 @@ def test_a_task_changed_after_it_was_read_is_not_overwritten(fhir):
     (task,) = _tasks(fhir, order_id).values()
     assert task["status"] == "accepted"
     assert open_suggestion_tasks(fhir, order_id) == []  # accepted is the clinician's: never cancelled
+
+
+def test_a_late_old_version_is_written_already_superseded(fhir):
+    order_id = uuid.uuid4().hex[:12]
+    v1 = _put_order(fhir, order_id)
+    v2 = _put_order(fhir, order_id, text="CT head, new clinical question")
+    _write(fhir, v2)
+    assert _write(fhir, v1)["superseded"] == []  # v1's event arrives late (a replay from the DLQ)
+    tasks = _tasks(fhir, order_id)
+    old, new = tasks[f"ServiceRequest/{order_id}/_history/1"], tasks[f"ServiceRequest/{order_id}/_history/2"]
+    assert old["status"] == "cancelled" and old["statusReason"]["text"] == "Superseded by version 2 of the order"
+    assert new["status"] == "requested"

@@ -15,7 +15,14 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from schemas.events import OrderItem
 from workers.clients import celery_connection_conf, kafka_client_config, redis_url
-from workers.payload import PayloadError, open_task_payload, payload_cipher, task_argsrepr, task_payload
+from workers.payload import (
+    PayloadError,
+    apply_async_options,
+    open_task_payload,
+    payload_cipher,
+    task_argsrepr,
+    task_payload,
+)
 from workers.settings import Settings
 
 NOTE = "Xylophone Quagmire, 47, suspected Fabry disease"
@@ -67,6 +74,9 @@ def test_missing_wrong_or_tampered_keys_fail_clearly(cipher):
         task_payload(OrderItem(service_request=_order()), None)
     with pytest.raises(PayloadError, match="not a Fernet key"):
         payload_cipher("too-short")
+    assert payload_cipher(Settings(payload_key=Fernet.generate_key().decode()).payload_key) is not None
+    with pytest.raises(PayloadError, match="EHRW_PAYLOAD_KEY is not set"):
+        payload_cipher(Settings().payload_key)
     payload = task_payload(OrderItem(service_request=_order()), cipher)
     with pytest.raises(PayloadError, match="cannot be decrypted"):
         open_task_payload(payload, payload_cipher(Fernet.generate_key().decode()))
@@ -81,9 +91,9 @@ def test_redis_holds_no_order_text_for_a_queued_task(cipher, services):
     from workers.app import app
     from workers.tasks import suggest
 
-    payload = task_payload(OrderItem(service_request=_order(meta={"versionId": "1"})), cipher)
+    options = apply_async_options(OrderItem(service_request=_order(meta={"versionId": "1"})), cipher)
     queue = f"payload-test-{uuid.uuid4().hex[:8]}"
-    suggest.apply_async(args=[payload], argsrepr=task_argsrepr(payload), kwargsrepr="{}", queue=queue)
+    suggest.apply_async(**options, queue=queue)
     client = redis.Redis.from_url(services.redis_url)
     try:
         keys = list(client.scan_iter(count=1000))
@@ -160,8 +170,92 @@ def test_celery_connection_conf_sets_tls_password_and_timeouts(tmp_path):
 def test_a_celery_app_with_the_conf_talks_to_the_real_redis(services):
     from celery import Celery
 
+    from workers.clients import configure_celery_connection
+
     app = Celery("conf-test")
-    app.conf.update(celery_connection_conf(Settings(redis_url=services.redis_url, redis_socket_timeout_s=2)))
+    app.conf.update(broker_transport_options={"visibility_timeout": 3600})
+    configure_celery_connection(app, Settings(redis_url=services.redis_url, redis_socket_timeout_s=2))
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)
         assert conn.transport_options["socket_timeout"] == 2
+        assert conn.transport_options["visibility_timeout"] == 3600  # the app's own option kept
+    assert app.backend.client.ping() and app.backend.connparams["socket_timeout"] == 2
+
+
+# -- FHIR over TLS with a private CA ---------------------------------------------------------------
+
+
+def _self_signed_ca_and_server_cert(tmp_path):
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("test hospital CA")).issuer_name(name("test hospital CA"))
+        .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(2).not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    paths["key"].write_bytes(key_pem)
+    return paths
+
+
+def test_fhir_over_tls_trusts_the_configured_ca_only(tmp_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from connectors.fhir import FhirConfigurationError
+    from workers.clients import build_fhir_client
+
+    paths = _self_signed_ca_and_server_cert(tmp_path)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"resourceType": "Patient", "id": "p1"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(paths["cert"], paths["key"])
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"https://127.0.0.1:{httpd.server_address[1]}/fhir"
+    try:
+        common = {"fhir_base_url": base, "fhir_auth": "bearer", "fhir_token": "t", "fhir_max_retries": 2}
+        with build_fhir_client(Settings(**common, fhir_ca_file=paths["ca"])) as fhir:
+            assert fhir.read("Patient/p1")["id"] == "p1"
+        with build_fhir_client(Settings(**common)) as fhir, pytest.raises(FhirConfigurationError) as err:
+            fhir.read("Patient/p1")  # the system trust store does not know the hospital's CA
+        assert "EHRW_FHIR_CA_FILE" in str(err.value)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

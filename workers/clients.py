@@ -4,7 +4,8 @@
   ``EventConsumer(client_config=...)`` (its consumer and producer), ``make_producer(**...)``,
   ``ensure_topics(**...)``.
 - :func:`celery_connection_conf`: the Celery settings for the Redis broker and result backend
-  (password, ``rediss://`` TLS, socket timeouts): ``app.conf.update(celery_connection_conf(s))``.
+  (password, ``rediss://`` TLS, socket timeouts); :func:`configure_celery_connection` applies them
+  to an app, keeping its own transport options.
 - :func:`build_fhir_client`: the FHIR client with its auth (including SMART Backend Services),
   TLS trust and the http:// refusal.
 
@@ -111,6 +112,15 @@ def celery_connection_conf(settings: Settings) -> dict[str, Any]:
     elif s.redis_ssl_ca_certs is not None:
         raise ValueError("EHRW_REDIS_SSL_CA_CERTS is set but EHRW_REDIS_URL is not rediss://")
     return conf
+
+
+def configure_celery_connection(app: Any, settings: Settings) -> None:
+    """Apply :func:`celery_connection_conf` to ``app``, merging its transport options into the
+    app's own (``visibility_timeout`` stays). Call right after creating the app, before it connects."""
+    conf = celery_connection_conf(settings)
+    for key in ("broker_transport_options", "result_backend_transport_options"):
+        conf[key] = {**(app.conf.get(key) or {}), **conf[key]}
+    app.conf.update(conf)
 
 
 def fhir_auth(settings: Settings) -> FhirAuth:

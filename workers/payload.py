@@ -12,9 +12,8 @@ patient text. A task therefore carries:
 
 Dispatch (the consumer)::
 
-    cipher = payload_cipher(settings.payload_key)           # once, at start: fails fast if unset
-    payload = task_payload(item, cipher)
-    suggest.apply_async(args=[payload], argsrepr=task_argsrepr(payload), kwargsrepr="{}")
+    cipher = payload_cipher(settings.payload_key)    # once, at start: fails fast when unset
+    suggest.apply_async(**apply_async_options(item, cipher), task_id=...)
 
 Worker (the task)::
 
@@ -39,12 +38,15 @@ class PayloadError(ValueError):
     """A task payload that cannot be opened: no key, the wrong key, or a tampered token."""
 
 
-def payload_cipher(key: str | None) -> Any:
-    """The Fernet cipher for ``EHRW_PAYLOAD_KEY`` (a urlsafe-base64 32-byte key); raises
+def payload_cipher(key: Any) -> Any:
+    """The Fernet cipher for ``EHRW_PAYLOAD_KEY`` (a urlsafe-base64 32-byte key, as ``str`` or
+    pydantic ``SecretStr``); raises
     :class:`PayloadError` saying how to make one when it is missing or malformed. Consumer and
     workers must share the key; rotate by deploying both with the new key after the queue drained."""
     from cryptography.fernet import Fernet
 
+    if hasattr(key, "get_secret_value"):
+        key = key.get_secret_value()
     if not key:
         raise PayloadError(f"{PAYLOAD_KEY_ENV} is not set; orders carried in events are encrypted with it. Make one: {_GENERATE}")
     try:
@@ -87,6 +89,13 @@ def task_payload(item: OrderItem, cipher: Any | None) -> dict[str, Any]:
     if "/_history/" not in reference:
         payload["use_sealed"] = True  # no version: only the event's own copy is certainly this order
     return payload
+
+
+def apply_async_options(item: OrderItem, cipher: Any | None) -> dict[str, Any]:
+    """Keyword arguments for ``suggest.apply_async(**options, task_id=...)``: the payload as the
+    only argument, and ``argsrepr``/``kwargsrepr`` so no Celery log line prints more than ids."""
+    payload = task_payload(item, cipher)
+    return {"args": [payload], "argsrepr": task_argsrepr(payload), "kwargsrepr": "{}"}
 
 
 def task_argsrepr(payload: dict[str, Any]) -> str:

@@ -10,7 +10,9 @@ Each cancellation is a PUT with ``ifMatch`` on the Task version that was read, s
 clinician moved meanwhile (accepted, in progress) is never overwritten: the server answers 412,
 and the worker reads again and rebuilds (a bounded number of times). Tasks past ``requested``
 belong to the clinician's workflow and are left alone. Replays are harmless: a cancelled Task is no
-longer found, and conditional creates find the suggestion already written.
+longer found, and conditional creates find the suggestion already written. An old version whose
+event comes late (a dead-letter replay) gets its Task written already cancelled when a newer
+(numeric) version has one.
 """
 
 from __future__ import annotations
@@ -35,13 +37,20 @@ _MAX_ATTEMPTS = 3
 
 def open_suggestion_tasks(fhir: FhirClient, order_id: str) -> list[dict[str, Any]]:
     """The worker's own Tasks in an open status whose focus is any version of the order."""
-    found = fhir.search("Task", [("focus", f"ServiceRequest/{order_id}"), ("status", ",".join(OPEN_STATUSES))])
+    return suggestion_tasks(fhir, order_id, statuses=OPEN_STATUSES)
+
+
+def suggestion_tasks(
+    fhir: FhirClient, order_id: str, *, statuses: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """The worker's own Tasks (any status, or one of ``statuses``) focusing any version of the order."""
+    query = [("focus", f"ServiceRequest/{order_id}")] + ([("status", ",".join(statuses))] if statuses else [])
     ours = []
-    for task in found:
+    for task in fhir.search("Task", query):
         identifiers = task.get("identifier") or []
         focus = parse_reference((task.get("focus") or {}).get("reference"))
         if (
-            task.get("status") in OPEN_STATUSES
+            (statuses is None or task.get("status") in statuses)
             and any(isinstance(i, dict) and i.get("system") == IDENTIFIER_SYSTEM for i in identifiers)
             and focus is not None
             and focus.resource_type == "ServiceRequest"
@@ -86,10 +95,16 @@ def write_with_supersede(fhir: FhirClient, bundle: dict[str, Any], service_reque
         return {**fhir.transaction(bundle), "superseded": []}
     reason = f"Superseded by version {version} of the order"
     for attempt in range(1, _MAX_ATTEMPTS + 1):
-        tasks = open_suggestion_tasks(fhir, service_request["id"])
-        extra = cancellation_entries(tasks, reason=reason, newer_than=version)
-        full = {**bundle, "entry": [*bundle["entry"], *extra]} if extra else bundle
-        if extra:
+        tasks = suggestion_tasks(fhir, service_request["id"])
+        newest = _newest_numeric_version(tasks)
+        if newest is not None and version.isdigit() and int(version) < int(newest):
+            # A late event (a replay of an old version): its Task is born cancelled, newer stays open.
+            full, extra = _born_superseded(bundle, newest), []
+        else:
+            open_tasks = [t for t in tasks if t.get("status") in OPEN_STATUSES]
+            extra = cancellation_entries(open_tasks, reason=reason, newer_than=version)
+            full = {**bundle, "entry": [*bundle["entry"], *extra]} if extra else bundle
+        if full is not bundle:
             check_writeback_bundle(full)
         try:
             response = fhir.transaction(full)
@@ -119,6 +134,24 @@ def cancel_open_tasks(fhir: FhirClient, order_id: str, reason_code: str) -> list
             if exc.status != 412 or attempt == _MAX_ATTEMPTS:
                 raise
     return []
+
+
+def _newest_numeric_version(tasks: list[dict[str, Any]]) -> str | None:
+    """The highest numeric order version the Tasks focus (non-numeric ids cannot be ordered)."""
+    versions = [parse_reference(t["focus"]["reference"]).version for t in tasks]  # type: ignore[union-attr]
+    numeric = [v for v in versions if v is not None and v.isdigit()]
+    return max(numeric, key=int) if numeric else None
+
+
+def _born_superseded(bundle: dict[str, Any], newest: str) -> dict[str, Any]:
+    entries = []
+    for entry in bundle["entry"]:
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Task":
+            reason = {"text": f"Superseded by version {newest} of the order"}
+            entry = {**entry, "resource": {**resource, "status": "cancelled", "statusReason": reason}}
+        entries.append(entry)
+    return {**bundle, "entry": entries}
 
 
 def _older(version: str | None, current: str) -> bool:
