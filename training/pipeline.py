@@ -312,6 +312,10 @@ def load_task_data(task: str, p: dict, seed: int, stage: Stages) -> dict:
         "calib_name": "held-out-phrasing calibration set" if "calib" in splits else "validation set",
         "hashes": {s: d.sha256() for s, d in splits.items()},
     }
+    if task == "protocol" and p.get("catalog"):  # a hospital catalog: its masks and manifest entry
+        from training.protocol_catalog import catalog_data
+
+        data.update(catalog_data(p["catalog"]))
     data["train_support"] = np.bincount(np.asarray(data["train_y"]), minlength=len(labels))
     stage("data", f"{len(labels)} labels; train {len(data['train_x'])}, val {len(data['val_x'])}, "
           f"test {len(data['test_x'])} examples; {int((data['train_support'] > 0).sum())} labels seen in train")
@@ -402,6 +406,11 @@ def run_pipeline(
         calibration = cal.calibrate(calib_logits, data["calib_y"], float(p["target_precision"]), top_k=conf_k)
         calibration["val"]["set"] = data["calib_name"]
         calibration["val"]["n"] = len(data["calib_x"])
+        if task == "protocol":  # served restricted to the ordered exam: fit the threshold on that
+            from training.protocol_eval import calibrate_on_exams
+
+            calibration = calibrate_on_exams(calibration, calib_logits, data["splits"].get("calib", data["splits"]["val"]),
+                                             data["calib_y"], float(p["target_precision"]), **data.get("catalog_kw", {}))
         temperature, threshold = calibration["temperature"], calibration["abstain_below"]
         stage("calibrate", f"T = {temperature}, abstain below {threshold:.4f} of top-{conf_k} mass (coverage "
               f"{calibration['val']['coverage']:.3f}, precision {calibration['val']['precision']:.3f}), "
@@ -431,6 +440,11 @@ def run_pipeline(
               f"{rare_f1['int8']:.4f}, top-1 agreement {par['top1_agreement']:.4f}; "
               f"p50 {lat_int8['p50_ms']:.2f} ms (int8) vs {lat_fp32['p50_ms']:.2f} ms (fp32)")
         report, comparison = None, None
+        if task == "protocol":  # top-1/top-3/coverage by slice, restricted to the ordered exam
+            from training.protocol_eval import write_exam_slices
+
+            m_int8["protocol_slices"] = write_exam_slices(out / REPORT_DIR, logits_int8, data, temperature, threshold,
+                                                          **data.get("catalog_kw", {}))
         if p.get("report", True):
             report, comparison = write_report(task, p, data, out, fp32_path, base, temperature, threshold, seed, stage)
         stage.done("evaluate")
@@ -484,6 +498,7 @@ def run_pipeline(
             "format_version": 1,
             "model_card_url": f"{model_card_base_url.rstrip('/')}/{task}/{version}/MODEL_CARD.md" if model_card_base_url else None,
             "training": json_safe(training_info),
+            **data.get("manifest_extra", {}),  # a hospital catalog's attributes (training.protocol_catalog)
         }
         (out / MODEL_CARD_FILE).write_text(render_model_card(manifest_dict, profile=profile_name), encoding="utf-8")
         manifest_dict["files"] = checksum_files(out)
