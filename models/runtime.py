@@ -228,18 +228,10 @@ class TextClassifier:
         per-label weight for that input (0 = not allowed, e.g. a protocol of another exam than the
         one ordered); the row is reweighted and renormalised before ranking and abstention, and a
         disallowed label that the unweighted model is confident in comes back as ``alternative``."""
-        from schemas.labels import ModelOutput, Prediction
+        from schemas.labels import ModelOutput
 
-        proba = np.asarray(proba, dtype=np.float64)
-        alternatives: list[Prediction | None] = [None] * len(proba)
-        if weights is not None:
-            if len(weights) != len(proba):
-                raise ValueError(f"{len(weights)} weight rows for {len(proba)} inputs")
-            proba = proba.copy()
-            for i, w in enumerate(weights):
-                if w is None:
-                    continue
-                alternatives[i], proba[i] = self._reweight(proba[i], np.asarray(w, dtype=np.float64))
+        proba, excluded = apply_label_weights(proba, weights)
+        alternatives = [self._prediction(i, p) if i is not None else None for i, p in excluded]
         k = max(1, min(int(top_k), proba.shape[-1]))
         threshold = self.threshold
         confidences = top_k_confidence(proba, self.manifest.calibration.confidence_top_k)
@@ -267,18 +259,6 @@ class TextClassifier:
 
         label = self.labels[index]
         return Prediction(label.system, label.code, label.display, min(1.0, max(0.0, round(float(probability), 6))))
-
-    def _reweight(self, row: np.ndarray, weight: np.ndarray):
-        if weight.shape != row.shape:
-            raise ValueError(f"a weight row has {weight.shape[-1]} entries for {row.shape[-1]} labels")
-        masked = row * weight
-        total = masked.sum()
-        if not total > 0:  # nothing allowed scores: keep the model's own ranking
-            return None, row
-        excluded = np.where(weight <= 0, row, 0.0)
-        best = int(excluded.argmax())
-        alternative = self._prediction(best, excluded[best]) if excluded[best] >= ALTERNATIVE_MIN_PROBABILITY else None
-        return alternative, masked / total
 
     def predict(
         self,
@@ -318,6 +298,38 @@ class TextClassifier:
 # A protocol of another exam than the one ordered is reported as the alternative when the model,
 # unrestricted, gives it at least this probability: the indication clearly calls for that exam.
 ALTERNATIVE_MIN_PROBABILITY = 0.5
+
+
+def apply_label_weights(
+    proba: np.ndarray, weights: Sequence[Sequence[float] | None] | None
+) -> tuple[np.ndarray, list[tuple[int | None, float]]]:
+    """Reweight and renormalise each row by its label weights (``None``: unchanged). Also returns,
+    per row, the excluded (weight 0) label the unrestricted model is confident in, as (index,
+    probability), or (None, 0.0). A row whose allowed labels all score 0 keeps the model's own
+    ranking. Training calls this too, so that the threshold is fitted on what is served."""
+    proba = np.asarray(proba, dtype=np.float64)
+    excluded: list[tuple[int | None, float]] = [(None, 0.0)] * len(proba)
+    if weights is None:
+        return proba, excluded
+    if len(weights) != len(proba):
+        raise ValueError(f"{len(weights)} weight rows for {len(proba)} inputs")
+    proba = proba.copy()
+    for i, w in enumerate(weights):
+        if w is None:
+            continue
+        weight = np.asarray(w, dtype=np.float64)
+        if weight.shape != proba[i].shape:
+            raise ValueError(f"a weight row has {weight.shape[-1]} entries for {proba.shape[-1]} labels")
+        masked = proba[i] * weight
+        total = masked.sum()
+        if not total > 0:
+            continue
+        outside = np.where(weight <= 0, proba[i], 0.0)
+        best = int(outside.argmax())
+        if outside[best] >= ALTERNATIVE_MIN_PROBABILITY:
+            excluded[i] = (best, float(outside[best]))
+        proba[i] = masked / total
+    return proba, excluded
 
 
 def _exam_masker(manifest: Manifest, labels: list):

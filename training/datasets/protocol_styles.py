@@ -15,7 +15,7 @@ import re
 
 from .noise import cap, join_list
 
-_QUESTION_PREFIX = re.compile(r"^(?:r/o|rule out|eval(?:uate)?(?: for)?|concern for|c/f|assess for|\?)\s*", re.I)
+_QUESTION_PREFIX = re.compile(r"^(?:r/o|rule out|eval(?:uate)?(?: for)?|concern for|c/f|assess for|\?)\s*", re.IGNORECASE)
 
 
 def _bare(q: str) -> str:
