@@ -34,6 +34,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 
+from connectors.observer import ConsumerObserver  # Operations (issue 9)
 from schemas.events import EventRejected, ParsedEvent, parse_event
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,10 @@ class EventConsumer:
         client_id: str = "ehr-worker",
         stats: ConsumerStats | None = None,
         client_config: Mapping[str, Any] | None = None,
+        observer: ConsumerObserver | None = None,  # Operations (issue 9): metrics
     ) -> None:
-        """``client_config``: extra kafka-python settings for both consumer and producer (SASL/TLS)."""
+        """``client_config``: extra kafka-python settings for both consumer and producer (SASL/TLS).
+        ``observer``: told what was polled, what became durable and what was retried (metrics)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.bootstrap = bootstrap
@@ -229,6 +232,7 @@ class EventConsumer:
         self.client_id = client_id
         self.stats = stats or ConsumerStats()
         self.client_config = dict(client_config or {})
+        self.observer = observer  # Operations (issue 9)
         self._retry_delay_s = retry_backoff_s
         self._finished = 0
         self._stop = threading.Event()
@@ -265,6 +269,8 @@ class EventConsumer:
                     limit = max(1, min(limit, max_events - self._finished))
                 polled = consumer.poll(timeout_ms=int(self.poll_timeout_s * 1000), max_records=limit)
                 records = [r for tp in sorted(polled, key=lambda t: t.partition) for r in polled[tp]]
+                if self.observer is not None:  # Operations (issue 9)
+                    self.observer.polled(consumer, records)
                 if records:
                     self._process(consumer, producer, records, dispatch)
                     last_record = time.monotonic()  # after the batch: its retry backoff is not idleness
@@ -343,6 +349,8 @@ class EventConsumer:
             if durable < len(tp_slots):
                 retry_at[tp] = tp_slots[durable].record.offset
                 self.stats.retried += len(tp_slots) - durable
+                if self.observer is not None:  # Operations (issue 9)
+                    self.observer.retried(len(tp_slots) - durable)
 
         # A record counts as finished only once its offset is committed: after a refused commit
         # (the group rebalanced during a slow batch) it comes back and is processed again.
@@ -457,6 +465,14 @@ class EventConsumer:
         self.stats.written += len(slot.results)
         if slot.incoming is not None:
             self.stats.skipped += len(slot.incoming.event.skipped)
+        if self.observer is not None:  # Operations (issue 9)
+            self.observer.durable(
+                slot.record,
+                status=slot.status or "done",
+                reason_code=slot.reason_code,
+                results=slot.results,
+                skipped=slot.incoming.event.skipped if slot.incoming is not None else [],
+            )
 
     def _commit(
         self, consumer: KafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata], records: int

@@ -34,7 +34,7 @@ app.conf.update(
     # Redis visibility timeout must exceed the longest retry chain, or Redis redelivers the task
     # to a second worker while the first is still backing off.
     broker_transport_options={"visibility_timeout": 3600},
-    task_default_queue="ehr-worker",
+    task_default_queue=_settings.celery_queue,  # Operations (issue 9): EHRW_CELERY_QUEUE
     worker_hijack_root_logger=False,
     timezone="UTC",
 )
@@ -57,3 +57,7 @@ def verify_registry_before_forking(**_: Any) -> None:
         logging.getLogger("workers").critical("refusing to start: %s", exc)
         print(f"ehr-worker: refusing to start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
+
+
+# Operations (issue 9): logs, metrics, /readyz and traces through Celery signals.
+from workers import observability  # noqa: F401

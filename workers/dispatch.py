@@ -18,6 +18,7 @@ from celery.result import AsyncResult
 
 from connectors.kafka import EventConsumer, EventOutcome, Incoming
 from schemas.events import OrderItem
+from workers.observability import task_options  # Operations (issue 9)
 from workers.settings import Settings
 from workers.tasks import suggest
 
@@ -63,7 +64,14 @@ class CeleryDispatcher:
         self.timeout_s = timeout_s
 
     def __call__(self, batch: list[Incoming]) -> list[EventOutcome]:
-        pending = [[suggest.apply_async(args=[order_item_payload(i)]) for i in inc.event.items] for inc in batch]
+        pending = [
+            [
+                # Operations (issue 9): event/trace headers, and an argsrepr of ids only (logs, Flower).
+                suggest.apply_async(args=[order_item_payload(i)], **task_options(inc.topic, inc.partition, inc.offset, i.order_id))
+                for i in inc.event.items
+            ]
+            for inc in batch
+        ]
         deadline = time.monotonic() + self.timeout_s
         outcomes = [outcome_for_event([_collect(r, deadline) for r in results]) for results in pending]
         for inc, out in zip(batch, outcomes):

@@ -19,6 +19,7 @@ from schemas.events import EventRejected, OrderItem, skip_reason, validate_servi
 from schemas.labels import ModelOutput
 from schemas.text import build_model_input, clinical_text, context_references, is_imaging_order
 from schemas.writeback import build_writeback_bundle
+from workers import metrics, tracing  # Operations (issue 9)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ def suggest_for_order(
 
     bundle = build_writeback_bundle(sr, protocol, diagnosis, recorded=recorded or datetime.now(timezone.utc))
     try:
-        response = fhir.transaction(bundle)
+        with metrics.timed(metrics.writeback_seconds), tracing.span("ehrw.fhir.transaction"):  # Operations (issue 9)
+            response = fhir.transaction(bundle)
     except FhirPermanentError as exc:
         outcome.update(
             status="rejected",

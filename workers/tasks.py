@@ -20,6 +20,7 @@ from models.runtime import TextClassifier
 from schemas.events import OrderItem
 from workers.app import app
 from workers.pipeline import ModelSet, suggest_for_order
+from workers.rollout import process_holder  # Operations (issue 9)
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,9 @@ def load_models(settings: Settings) -> ModelSet:
     )
 
 
-@lru_cache(maxsize=1)
 def process_models() -> ModelSet:
-    return load_models(get_settings())
+    # Operations (issue 9): the registry's CURRENT versions, switched between tasks without a restart.
+    return process_holder().models()
 
 
 @lru_cache(maxsize=1)
