@@ -72,15 +72,19 @@ def fhir_check(base_url: str) -> Check:
     return check
 
 
-def models_check(registry: Path, tasks: Iterable[str] = ("protocol", "diagnosis")) -> Check:
-    """Every task has a CURRENT version whose manifest parses (checksums are verified when loading)."""
+def models_check(registry: Path, tasks: Iterable[str] = ("protocol", "diagnosis"), *, loaded: bool = True) -> Check:
+    """Every task has a CURRENT version whose manifest parses, and (``loaded``) a live process of
+    this worker has a model of the task loaded (checksums are verified when loading)."""
 
     def check() -> None:
         from models.registry import ModelRegistry
 
         reg = ModelRegistry(registry)
+        serving = metrics.loaded_versions() if loaded else {}
         for task in tasks:
             reg.load_manifest(task)
+            if loaded and not serving.get(task):
+                raise RuntimeError(f"no worker process has a {task} model loaded yet")
 
     return check
 

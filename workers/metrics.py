@@ -216,6 +216,19 @@ def exposition(extra: Iterable[Collector] = ()) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+def loaded_versions() -> dict[str, set[str]]:
+    """``{task: versions}`` that live processes of this service report serving (ehrw_model_loaded == 1)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(MULTIPROC_DIR))
+    out: dict[str, set[str]] = {}
+    for family in registry.collect():
+        if family.name == "ehrw_model_loaded":
+            for sample in family.samples:
+                if sample.value == 1:
+                    out.setdefault(sample.labels["task"], set()).add(sample.labels["version"])
+    return out
+
+
 def process_exited(pid: int) -> None:
     """Drop a dead pool child's live gauges (in-flight orders, loaded models)."""
     multiprocess.mark_process_dead(pid, str(MULTIPROC_DIR))
