@@ -199,6 +199,7 @@ def test_consumer_metrics_count_what_was_replayed_dead_lettered_and_published(re
     assert total(m, "ehrw_events_finished_total", outcome="dead_letter") == len(dlq)
     results = Counter(r.json()["status"] for r in read_topic(services.kafka_bootstrap, topics.results))
     assert by_label(m, "ehrw_result_events_total", "status") == dict(results)
+    print(f"\nreplayed {n} events: dead-lettered {dict(dlq_reasons)}, result events {dict(results)}")
     assert total(m, "ehrw_produce_to_durable_seconds_count") == n
     assert ("ehrw_celery_queue_depth", (("queue", "ehr-worker"),)) not in m  # the module's own queue only
     assert any(name == "ehrw_consumer_lag" for name, _ in m)
@@ -223,6 +224,7 @@ def test_worker_metrics_count_what_was_written(replay_run, services):
     written = delta(by_label(after, "ehrw_suggestions_written_total", "version"),
                     by_label(before, "ehrw_suggestions_written_total", "version"))  # fmt: skip
     assert written == dict(expected)
+    print(f"\nworker: orders processed {processed}, suggestions written by version {written}")
     inferences = total(after, "ehrw_inference_seconds_count") - total(before, "ehrw_inference_seconds_count")
     assert inferences == sum(bool(r.get("protocol")) + bool(r.get("diagnosis")) for r in results)
     assert total(after, "ehrw_writeback_seconds_count") - total(before, "ehrw_writeback_seconds_count") == processed.get(
