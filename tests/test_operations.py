@@ -315,6 +315,11 @@ def test_refused_writeback_is_dead_lettered_fixed_and_replayed_once(ops, service
         letters = [json.loads(line) for line in listing.stdout.splitlines()]
         assert sorted(x["key"] for x in letters) == sorted(o["id"] for o in orders)
         assert not any(suggestions_by_order(fhir).get(o["id"]) for o in orders)
+        shown = cli(env, "dlq", "show", letters[0]["dlq"])
+        assert shown.returncode == 0 and "multiple-matches" in shown.stdout, shown.stderr
+        assert all(n["text"][:30] not in shown.stdout for o in orders for n in o.get("note", []))
+        body = cli(env, "dlq", "show", letters[0]["dlq"], "--body")
+        assert json.loads(body.stdout)["id"] == letters[0]["key"]  # the original event, only on request
     finally:  # the fix
         for rid in extra:
             assert httpx.delete(f"{ops['fhir_url']}/Device/{rid}", timeout=10).status_code < 300
