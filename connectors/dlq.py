@@ -93,7 +93,9 @@ class DeadLetter:
             "rejected_at": at.isoformat(timespec="seconds").replace("+00:00", "Z") if at else None,
             "reason_code": self.reason_code,
             "reason": self.header(H_REASON),
-            "source": f"{source}[{self.header(H_SOURCE_PARTITION)}]@{self.header(H_SOURCE_OFFSET)}" if source else None,
+            "source": f"{source}[{self.header(H_SOURCE_PARTITION)}]@{self.header(H_SOURCE_OFFSET)}"
+            if source
+            else None,
             "key": self.key.decode("utf-8", errors="replace") if self.key is not None else None,
             "bytes": len(self.value) if self.value is not None else 0,
         }
@@ -153,7 +155,13 @@ def read_dead_letters(
             for batch in polled.values():
                 for rec in batch:
                     letter = DeadLetter(
-                        rec.topic, rec.partition, rec.offset, rec.key, rec.value, list(rec.headers or []), rec.timestamp
+                        rec.topic,
+                        rec.partition,
+                        rec.offset,
+                        rec.key,
+                        rec.value,
+                        list(rec.headers or []),
+                        rec.timestamp,
                     )
                     if wanted and letter.reason_code not in wanted:
                         continue
@@ -174,7 +182,12 @@ class ReplayReport:
     skipped_empty: int = 0  # tombstones: nothing to replay
 
     def as_dict(self) -> dict[str, Any]:
-        return {"topic": self.topic, "sent": self.sent, "by_reason": dict(self.by_reason), "skipped_empty": self.skipped_empty}
+        return {
+            "topic": self.topic,
+            "sent": self.sent,
+            "by_reason": dict(self.by_reason),
+            "skipped_empty": self.skipped_empty,
+        }
 
 
 def replay_dead_letters(

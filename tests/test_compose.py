@@ -110,7 +110,9 @@ def test_compose_file_follows_the_compose_specification(compose, validator):
 def test_the_stack_has_every_component(compose):
     services = compose["services"]
     assert {"kafka", "redis", "fhir", "models", "worker", "consumer", "flower", "prometheus"} <= set(services)
-    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    assert (
+        services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    )  # KRaft, no ZooKeeper
     redis_cmd = services["redis"]["command"]
     assert "--appendonly" in redis_cmd and "--requirepass" in redis_cmd and "--tls-port" in redis_cmd
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]  # scalable
@@ -151,7 +153,9 @@ def test_every_secret_comes_from_the_environment(compose):
             if SECRET_NAME.search(var):
                 match = REFERENCE.match(value)
                 assert match, f"{service}: {var} must be ${{VAR:?...}} or ${{VAR:-}}, not a literal"
-                assert match["op"] in (":?", "?") or match["arg"] == "", f"{service}: {var} has a default value"
+                assert match["op"] in (":?", "?") or match["arg"] == "", (
+                    f"{service}: {var} has a default value"
+                )
     values = json.dumps(compose)  # every string of the file, comments left out
     required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", values))
     assert required == set(DUMMY_ENV)
@@ -171,7 +175,9 @@ def test_prometheus_scrapes_both_processes_and_alerts_name_real_metrics(compose)
     prometheus = yaml.safe_load(files["prometheus"].read_text())
     envs = _environments(compose)
     targets = {
-        sd["names"][0]: sd["port"] for job in prometheus["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+        sd["names"][0]: sd["port"]
+        for job in prometheus["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
     }
     assert targets == {
         "worker": int(envs["worker"]["EHRW_WORKER_HTTP_PORT"]),

@@ -11,7 +11,9 @@ from workers.settings import Settings
 @pytest.mark.parametrize("path", configdoc.TARGETS, ids=lambda p: p.name)
 def test_the_settings_table_is_up_to_date(path):
     text = path.read_text(encoding="utf-8")
-    assert configdoc.render(text) == text, f"{path.name} is out of date: run python -m workers.configdoc --write"
+    assert configdoc.render(text) == text, (
+        f"{path.name} is out of date: run python -m workers.configdoc --write"
+    )
 
 
 def test_every_setting_is_in_the_table_with_its_default_and_a_meaning():

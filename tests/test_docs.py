@@ -15,7 +15,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _metric_names() -> set[str]:
-    names = {getattr(metrics, n)._name for n in dir(metrics) if hasattr(getattr(metrics, n), "_documentation")}
+    names = {
+        getattr(metrics, n)._name for n in dir(metrics) if hasattr(getattr(metrics, n), "_documentation")
+    }
     return names | {"ehrw_celery_queue_depth"}
 
 

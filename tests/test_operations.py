@@ -49,7 +49,9 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, lbl), v in samples.items() if n == name and all((k, w) in lbl for k, w in labels.items()))
+    return sum(
+        v for (n, lbl), v in samples.items() if n == name and all((k, w) in lbl for k, w in labels.items())
+    )
 
 
 def by_label(samples: dict, name: str, label: str) -> dict[str, float]:
@@ -227,9 +229,9 @@ def test_worker_metrics_count_what_was_written(replay_run, services):
     print(f"\nworker: orders processed {processed}, suggestions written by version {written}")
     inferences = total(after, "ehrw_inference_seconds_count") - total(before, "ehrw_inference_seconds_count")
     assert inferences == sum(bool(r.get("protocol")) + bool(r.get("diagnosis")) for r in results)
-    assert total(after, "ehrw_writeback_seconds_count") - total(before, "ehrw_writeback_seconds_count") == processed.get(
-        "written", 0
-    ) + processed.get("rejected", 0)
+    assert total(after, "ehrw_writeback_seconds_count") - total(
+        before, "ehrw_writeback_seconds_count"
+    ) == processed.get("written", 0) + processed.get("rejected", 0)
     assert total(after, "ehrw_orders_in_flight") == 0
     assert total(after, "ehrw_model_loaded", task="protocol") == 1
 
@@ -301,7 +303,10 @@ def test_refused_writeback_is_dead_lettered_fixed_and_replayed_once(ops, service
     query = {"identifier": f"{DEVICE_IDENTIFIER_SYSTEM}|{device_id}"}
     # The cause: someone copied the model's Device, so the write-back's conditional create matches
     # two resources and the server refuses every transaction (412).
-    device = {"resourceType": "Device", "identifier": [{"system": DEVICE_IDENTIFIER_SYSTEM, "value": device_id}]}
+    device = {
+        "resourceType": "Device",
+        "identifier": [{"system": DEVICE_IDENTIFIER_SYSTEM, "value": device_id}],
+    }
     extra = [fhir.create(device)["id"] for _ in range(2 - min(1, len(fhir.search("Device", query))))]
     tag = f"ops-dlq-{uuid.uuid4().hex[:6]}"
     orders = [fhir.put(o) for o in _imaging_orders(3, tag)]
@@ -325,7 +330,12 @@ def test_refused_writeback_is_dead_lettered_fixed_and_replayed_once(ops, service
             assert httpx.delete(f"{ops['fhir_url']}/Device/{rid}", timeout=10).status_code < 300
     replayed = cli(env, "dlq", "replay", "--reason", "fhir_rejected_writeback", "--since", "1h")
     assert replayed.returncode == 0, replayed.stderr
-    assert json.loads(replayed.stdout) == {"topic": topics.events, "sent": 3, "by_reason": {"fhir_rejected_writeback": 3}, "skipped_empty": 0}
+    assert json.loads(replayed.stdout) == {
+        "topic": topics.events,
+        "sent": 3,
+        "by_reason": {"fhir_rejected_writeback": 3},
+        "skipped_empty": 0,
+    }
     Consumer(ops["env"], topics, ops["base"] / "consumer-dlq.log", "--max-events", "3").wait(300)
     found = suggestions_by_order(fhir)
     for order in orders:

@@ -95,7 +95,9 @@ def test_celery_records_are_redacted_in_both_formats(fmt):
     context = {"name": "ehr_worker.suggest_for_order", "id": "t-1", "args": f"[{{'note': '{NOTE}'}}]",
                "kwargs": "{}", "return_value": f"{{'reason': '{NOTE}'}}", "runtime": 0.1}  # fmt: skip
     with logs.bind(order="ServiceRequest/x", event="ev[0]@3"):
-        handler.handle(_celery_like_record("Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s", context))
+        handler.handle(
+            _celery_like_record("Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s", context)
+        )
         handler.handle(_celery_like_record("Task %(name)s[%(id)s] received", context))
     out = stream.getvalue()
     assert NOTE[:30] not in out and "[redacted]" in out

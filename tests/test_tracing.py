@@ -95,6 +95,7 @@ def test_one_trace_per_event_from_kafka_headers_to_the_fhir_write(services, work
         def complete() -> bool:
             names = [s["name"] for s in receiver.spans]
             return names.count("ehrw.fhir.transaction") >= 2 and names.count("ehrw.dispatch") >= 2
+
         wait_for(complete, 60, "spans of both events")
     finally:
         worker.stop()
@@ -108,7 +109,10 @@ def test_one_trace_per_event_from_kafka_headers_to_the_fhir_write(services, work
     for spans in traces.values():
         by_name = {s["name"]: s for s in spans}
         assert {"ehrw.dispatch", "ehrw.order", "ehrw.inference", "ehrw.fhir.transaction"} <= set(by_name)
-        assert by_name["ehrw.dispatch"]["component"] == "consumer" and by_name["ehrw.order"]["component"] == "worker"
+        assert (
+            by_name["ehrw.dispatch"]["component"] == "consumer"
+            and by_name["ehrw.order"]["component"] == "worker"
+        )
         assert by_name["ehrw.order"]["parent"] == by_name["ehrw.dispatch"]["span"]
         assert by_name["ehrw.fhir.transaction"]["parent"] == by_name["ehrw.order"]["span"]
     notes = [o["note"][0]["text"][:30] for o in orders if o.get("note")]

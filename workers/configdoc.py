@@ -94,7 +94,9 @@ def rows() -> list[tuple[str, str, str]]:
     out = []
     for name, field in Settings.model_fields.items():
         text = field.description or comments.get(name) or DESCRIPTIONS.get(name, "")
-        out.append((f"EHRW_{name.upper()}", _default(field), text.replace("|", "\\|") + _choices(field.annotation)))
+        out.append(
+            (f"EHRW_{name.upper()}", _default(field), text.replace("|", "\\|") + _choices(field.annotation))
+        )
     return out
 
 
@@ -115,7 +117,9 @@ def render(document: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite the tables in README.md and docs/configuration.md")
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite the tables in README.md and docs/configuration.md"
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a table is out of date")
     args = parser.parse_args(argv)
     if not (args.write or args.check):

@@ -67,7 +67,9 @@ class CeleryDispatcher:
         pending = [
             [
                 # Operations (issue 9): event/trace headers, and an argsrepr of ids only (logs, Flower).
-                suggest.apply_async(args=[order_item_payload(i)], **task_options(inc.topic, inc.partition, inc.offset, i.order_id))
+                suggest.apply_async(
+                    args=[order_item_payload(i)], **task_options(inc.topic, inc.partition, inc.offset, i.order_id)
+                )
                 for i in inc.event.items
             ]
             for inc in batch

@@ -36,7 +36,10 @@ def kafka_check(bootstrap: str, client_config: Mapping[str, Any] | None = None) 
         from kafka import KafkaAdminClient
 
         admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap, request_timeout_ms=2000, bootstrap_timeout_ms=2000, **dict(client_config or {})
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=2000,
+            bootstrap_timeout_ms=2000,
+            **dict(client_config or {}),
         )
         try:
             admin.list_topics()
@@ -65,14 +68,18 @@ def fhir_check(base_url: str) -> Check:
     def check() -> None:
         import httpx
 
-        resp = httpx.get(f"{base_url.rstrip('/')}/metadata", timeout=2.0, headers={"Accept": "application/fhir+json"})
+        resp = httpx.get(
+            f"{base_url.rstrip('/')}/metadata", timeout=2.0, headers={"Accept": "application/fhir+json"}
+        )
         if resp.status_code >= 500 or resp.status_code == 404:
             raise RuntimeError(f"GET /metadata answered {resp.status_code}")
 
     return check
 
 
-def models_check(registry: Path, tasks: Iterable[str] = ("protocol", "diagnosis"), *, loaded: bool = True) -> Check:
+def models_check(
+    registry: Path, tasks: Iterable[str] = ("protocol", "diagnosis"), *, loaded: bool = True
+) -> Check:
     """Every task has a CURRENT version whose manifest parses, and (``loaded``) a live process of
     this worker has a model of the task loaded (checksums are verified when loading)."""
 
@@ -89,7 +96,9 @@ def models_check(registry: Path, tasks: Iterable[str] = ("protocol", "diagnosis"
     return check
 
 
-def run_checks(checks: Mapping[str, Check], timeout_s: float = CHECK_TIMEOUT_S) -> tuple[bool, dict[str, str]]:
+def run_checks(
+    checks: Mapping[str, Check], timeout_s: float = CHECK_TIMEOUT_S
+) -> tuple[bool, dict[str, str]]:
     """Run the checks in parallel; ``(all passed, {name: "ok" | "ErrorType: short message"})``."""
     results: dict[str, str] = {}
     if not checks:
@@ -153,9 +162,13 @@ class HealthServer:
                     self._send_json(200, {"status": "ok", "service": server.service})
                 elif path == "/readyz":
                     ready, results = run_checks(server.checks)
-                    self._send_json(200 if ready else 503, {"ready": ready, "service": server.service, "checks": results})
+                    self._send_json(
+                        200 if ready else 503, {"ready": ready, "service": server.service, "checks": results}
+                    )
                 else:
-                    self._send_json(404, {"error": f"no such endpoint {path}; try /metrics, /healthz, /readyz"})
+                    self._send_json(
+                        404, {"error": f"no such endpoint {path}; try /metrics, /healthz, /readyz"}
+                    )
 
             def _send_json(self, status: int, doc: dict) -> None:
                 self._send(status, json.dumps(doc).encode(), "application/json")
@@ -174,7 +187,12 @@ class HealthServer:
 
 
 def start_server(
-    host: str, port: int, checks: Mapping[str, Check], *, service: str, collectors: Iterable[metrics.Collector] = ()
+    host: str,
+    port: int,
+    checks: Mapping[str, Check],
+    *,
+    service: str,
+    collectors: Iterable[metrics.Collector] = (),
 ) -> HealthServer | None:
     """Start a :class:`HealthServer`, or log why not and return None (port 0 = off, port taken).
 
@@ -186,5 +204,11 @@ def start_server(
     try:
         return HealthServer(host, port, checks, collectors=collectors, service=service).start()
     except OSError as exc:
-        log.warning("%s: cannot serve /metrics on %s:%d (%s); set another port", service, host, port, exc.strerror or exc)
+        log.warning(
+            "%s: cannot serve /metrics on %s:%d (%s); set another port",
+            service,
+            host,
+            port,
+            exc.strerror or exc,
+        )
         return None

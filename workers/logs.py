@@ -24,7 +24,9 @@ from typing import Any, TextIO
 from pythonjsonlogger.json import JsonFormatter
 
 CONTEXT_FIELDS = ("event", "topic", "partition", "offset", "order", "task_id", "reason_code", "trace_id")
-_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("ehrw_log_context", default=None)
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ehrw_log_context", default=None
+)
 # What this process serves, set by the model holder (workers.rollout); shown on every worker line.
 model_versions: dict[str, str] = {}
 
@@ -90,7 +92,9 @@ class EhrJsonFormatter(JsonFormatter):
 
     ALLOWED = frozenset(("time", "level", "logger", "message", "exc_info", "model_versions", *CONTEXT_FIELDS))
 
-    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
         super().add_fields(log_data, record, message_dict)
         for key in [k for k in log_data if k not in self.ALLOWED]:
             del log_data[key]
@@ -110,7 +114,9 @@ def text_formatter() -> logging.Formatter:
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def configure(fmt: str = "json", level: str | int = "INFO", *, stream: TextIO | None = None) -> logging.Handler:
+def configure(
+    fmt: str = "json", level: str | int = "INFO", *, stream: TextIO | None = None
+) -> logging.Handler:
     """Route every record of the process (warnings included) through one redacting handler."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(json_formatter() if fmt == "json" else text_formatter())

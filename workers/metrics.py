@@ -61,7 +61,9 @@ _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _END_TO_END = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
 
 # -- consumer ------------------------------------------------------------------------------------
-events_consumed = Counter("ehrw_events_consumed", "Kafka records polled (a record polled again after a retry counts again).")
+events_consumed = Counter(
+    "ehrw_events_consumed", "Kafka records polled (a record polled again after a retry counts again)."
+)
 events_finished = Counter(
     "ehrw_events_finished", "Records whose outcome is durable and whose offset is committed.", ["outcome"]
 )
@@ -69,11 +71,15 @@ events_dead_lettered = Counter(
     "ehrw_events_dead_lettered", "Records acknowledged on the dead-letter topic, by reason code.", ["reason"]
 )
 orders_skipped = Counter(
-    "ehrw_orders_skipped", "Orders in consumed events that are not actionable (not dead-lettered), by reason.", ["reason"]
+    "ehrw_orders_skipped",
+    "Orders in consumed events that are not actionable (not dead-lettered), by reason.",
+    ["reason"],
 )
 events_retried = Counter("ehrw_events_retried", "Records sent back to be consumed again (not durable yet).")
 results_published = Counter(
-    "ehrw_result_events", "Result events published to the suggestions topic, one per order, by status.", ["status"]
+    "ehrw_result_events",
+    "Result events published to the suggestions topic, one per order, by status.",
+    ["status"],
 )
 produce_to_durable = Histogram(
     "ehrw_produce_to_durable_seconds",
@@ -89,21 +95,33 @@ consumer_lag = Gauge(
 
 # -- workers -------------------------------------------------------------------------------------
 orders_processed = Counter(
-    "ehrw_orders_processed", "Orders a worker finished, by status (written, no_suggestion, skipped, rejected).", ["status"]
+    "ehrw_orders_processed",
+    "Orders a worker finished, by status (written, no_suggestion, skipped, rejected).",
+    ["status"],
 )
 suggestions_written = Counter(
     "ehrw_suggestions_written",
     "Suggestions written to FHIR (protocol Task, diagnosis RiskAssessment), by model and version.",
     ["model", "version"],
 )
-abstentions = Counter("ehrw_abstentions", "Model answers below the calibrated confidence threshold.", ["model"])
+abstentions = Counter(
+    "ehrw_abstentions", "Model answers below the calibrated confidence threshold.", ["model"]
+)
 task_retries = Counter("ehrw_task_retries", "Celery task retries after a transient FHIR error.")
 attempts_exhausted = Counter(
-    "ehrw_task_attempts_exhausted", "Tasks that failed for good (retries exhausted or unexpected error).", ["error"]
+    "ehrw_task_attempts_exhausted",
+    "Tasks that failed for good (retries exhausted or unexpected error).",
+    ["error"],
 )
-inference_seconds = Histogram("ehrw_inference_seconds", "Model inference time per order.", ["model"], buckets=_LATENCY)
-writeback_seconds = Histogram("ehrw_writeback_seconds", "FHIR write-back transaction time per order.", buckets=_LATENCY)
-orders_in_flight = Gauge("ehrw_orders_in_flight", "Orders being processed by worker processes now.", multiprocess_mode="livesum")
+inference_seconds = Histogram(
+    "ehrw_inference_seconds", "Model inference time per order.", ["model"], buckets=_LATENCY
+)
+writeback_seconds = Histogram(
+    "ehrw_writeback_seconds", "FHIR write-back transaction time per order.", buckets=_LATENCY
+)
+orders_in_flight = Gauge(
+    "ehrw_orders_in_flight", "Orders being processed by worker processes now.", multiprocess_mode="livesum"
+)
 model_loaded = Gauge(
     "ehrw_model_loaded",
     "1 for the model version a live worker process serves (0 for one it switched away from).",
@@ -111,7 +129,9 @@ model_loaded = Gauge(
     multiprocess_mode="livemax",
 )
 model_switches = Counter(
-    "ehrw_model_switches", "Model roll-outs noticed between tasks, by result (switched, refused).", ["task", "result"]
+    "ehrw_model_switches",
+    "Model roll-outs noticed between tasks, by result (switched, refused).",
+    ["task", "result"],
 )
 
 
@@ -195,7 +215,9 @@ class QueueDepth(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         import redis
 
-        family = GaugeMetricFamily("ehrw_celery_queue_depth", "Celery tasks waiting in the broker queue.", labels=["queue"])
+        family = GaugeMetricFamily(
+            "ehrw_celery_queue_depth", "Celery tasks waiting in the broker queue.", labels=["queue"]
+        )
         try:
             client = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             try:

@@ -32,7 +32,10 @@ def task_options(topic: str, partition: int, offset: int, order: str | None) -> 
     """Extra ``apply_async`` options for one order: the event it came from and the trace context
     as task headers, and an ``argsrepr`` of ids only, so neither the worker's "received" log nor
     Flower ever shows the order itself."""
-    headers = {EVENT_HEADER: f"{topic}[{partition}]@{offset}", **tracing.inject_headers(topic, partition, offset)}
+    headers = {
+        EVENT_HEADER: f"{topic}[{partition}]@{offset}",
+        **tracing.inject_headers(topic, partition, offset),
+    }
     return {"headers": headers, "argsrepr": repr([order or "order"]), "kwargsrepr": "{}"}
 
 
@@ -76,7 +79,11 @@ def _worker_init(**_: Any) -> None:
 def _worker_ready(**_: Any) -> None:
     """The main process serves the metrics of all its pool children (after the pool has forked)."""
     s = get_settings()
-    checks = {"redis": redis_check(s.redis_url), "fhir": fhir_check(s.fhir_base_url), "models": models_check(s.model_registry)}
+    checks = {
+        "redis": redis_check(s.redis_url),
+        "fhir": fhir_check(s.fhir_base_url),
+        "models": models_check(s.model_registry),
+    }
     _serve(s, s.worker_http_port, checks, "worker")
     log.info("worker ready (pid %d, queue %s)", os.getpid(), s.celery_queue)
 
@@ -110,7 +117,9 @@ def _task_prerun(task_id: str | None = None, task: Any = None, args: Any = None,
         if not headers and task is not None:  # protocol 2 puts custom headers on the request itself
             headers = {k: getattr(task.request, k, None) for k in ("traceparent", "tracestate")}
         _task_spans[task_id] = tracing.start_task_span(
-            {k: v for k, v in headers.items() if v}, "ehrw.order", {"ehrw.order": order or "", "ehrw.event": event or ""}
+            {k: v for k, v in headers.items() if v},
+            "ehrw.order",
+            {"ehrw.order": order or "", "ehrw.event": event or ""},
         )
 
 

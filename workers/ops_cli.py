@@ -19,7 +19,10 @@ ReasonOpt = Annotated[
     list[str] | None, typer.Option("--reason", help="Only this reason code (repeat for several).")
 ]
 SinceOpt = Annotated[
-    str | None, typer.Option("--since", help="Only events rejected since: ISO time (2026-12-01T08:00Z) or age (30m, 2h, 7d).")
+    str | None,
+    typer.Option(
+        "--since", help="Only events rejected since: ISO time (2026-12-01T08:00Z) or age (30m, 2h, 7d)."
+    ),
 ]
 
 
@@ -37,7 +40,9 @@ def _letters(reason: list[str] | None, since: str | None, topic: str | None = No
         since_at = parse_since(since) if since else None
     except ValueError as exc:
         _fail(str(exc))
-    return s, read_dead_letters(s.kafka_bootstrap, topic or s.kafka_dlq_topic, reasons=reason or (), since=since_at)
+    return s, read_dead_letters(
+        s.kafka_bootstrap, topic or s.kafka_dlq_topic, reasons=reason or (), since=since_at
+    )
 
 
 @dlq_app.command("list")
@@ -55,7 +60,9 @@ def dlq_list(
     typer.echo(f"{len(letters)} dead-lettered events on {s.kafka_dlq_topic}")
     for letter in letters:
         row = letter.summary()
-        typer.echo(f"{row['dlq']:<10} {row['rejected_at'] or '-':<21} {row['reason_code']:<28} key={row['key'] or '-'}")
+        typer.echo(
+            f"{row['dlq']:<10} {row['rejected_at'] or '-':<21} {row['reason_code']:<28} key={row['key'] or '-'}"
+        )
     counts: dict[str, int] = {}
     for letter in letters:
         counts[letter.reason_code] = counts.get(letter.reason_code, 0) + 1
@@ -65,8 +72,12 @@ def dlq_list(
 
 @dlq_app.command("show")
 def dlq_show(
-    at: Annotated[str, typer.Argument(metavar="PARTITION@OFFSET", help="As printed by `dlq list`, e.g. 0@12.")],
-    body: Annotated[bool, typer.Option("--body", help="Also write the original event bytes (clinical content) to stdout.")] = False,
+    at: Annotated[
+        str, typer.Argument(metavar="PARTITION@OFFSET", help="As printed by `dlq list`, e.g. 0@12.")
+    ],
+    body: Annotated[
+        bool, typer.Option("--body", help="Also write the original event bytes (clinical content) to stdout.")
+    ] = False,
 ) -> None:
     """One dead-lettered event: reason, source, the server's OperationOutcome. The event itself
     holds patient data and is printed only with --body."""
@@ -90,8 +101,12 @@ def dlq_show(
 def dlq_replay(
     reason: ReasonOpt = None,
     since: SinceOpt = None,
-    to: Annotated[str | None, typer.Option("--to", help="Topic to publish to (default: EHRW_KAFKA_TOPIC).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be replayed; publish nothing.")] = False,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Topic to publish to (default: EHRW_KAFKA_TOPIC).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be replayed; publish nothing.")
+    ] = False,
 ) -> None:
     """Re-publish dead-lettered events (original bytes and key) to the input topic after fixing their cause."""
     from connectors.dlq import replay_dead_letters
@@ -102,7 +117,9 @@ def dlq_replay(
         counts: dict[str, int] = {}
         for letter in letters:
             counts[letter.reason_code] = counts.get(letter.reason_code, 0) + 1
-        typer.echo(json.dumps({"topic": target, "would_send": len(letters), "by_reason": counts, "dry_run": True}))
+        typer.echo(
+            json.dumps({"topic": target, "would_send": len(letters), "by_reason": counts, "dry_run": True})
+        )
         return
     try:
         report = replay_dead_letters(letters, bootstrap=s.kafka_bootstrap, topic=target)
@@ -114,8 +131,12 @@ def dlq_replay(
 
 def models_promote(
     version: Annotated[str, typer.Argument(help="The version to make current (as `models list` shows).")],
-    task: Annotated[str | None, typer.Option("--task", help="protocol or diagnosis (default: whichever has VERSION).")] = None,
-    registry: Annotated[str | None, typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="protocol or diagnosis (default: whichever has VERSION).")
+    ] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")
+    ] = None,
 ) -> None:
     """Make VERSION current after verifying it; running workers switch to it between tasks."""
     from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
@@ -134,8 +155,12 @@ def models_promote(
 
 
 def models_rollback(
-    task: Annotated[str | None, typer.Option("--task", help="protocol or diagnosis (default: the one last promoted).")] = None,
-    registry: Annotated[str | None, typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="protocol or diagnosis (default: the one last promoted).")
+    ] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")
+    ] = None,
 ) -> None:
     """Make the version current before the last promote current again; workers switch between tasks."""
     from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry

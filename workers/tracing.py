@@ -41,11 +41,17 @@ def configure(settings: Settings, *, role: str) -> None:
 
     resource = Resource.create({"service.name": settings.otel_service_name, "service.component": role})
     provider = TracerProvider(resource=resource)
-    exporter = OTLPSpanExporter(endpoint=settings.otel_endpoint) if settings.otel_endpoint else OTLPSpanExporter()
+    exporter = (
+        OTLPSpanExporter(endpoint=settings.otel_endpoint) if settings.otel_endpoint else OTLPSpanExporter()
+    )
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _enabled = True
-    log.info("tracing on (%s), exporting to %s", role, settings.otel_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint")
+    log.info(
+        "tracing on (%s), exporting to %s",
+        role,
+        settings.otel_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint",
+    )
 
 
 def remember_record_contexts(records: Iterable[Any]) -> None:
@@ -55,12 +61,16 @@ def remember_record_contexts(records: Iterable[Any]) -> None:
     if len(_record_contexts) > _MAX_REMEMBERED:
         _record_contexts.clear()
     for rec in records:
-        carrier = {k: v.decode("latin-1") for k, v in (rec.headers or []) if k in ("traceparent", "tracestate") and v}
+        carrier = {
+            k: v.decode("latin-1") for k, v in (rec.headers or []) if k in ("traceparent", "tracestate") and v
+        }
         if carrier:
             _record_contexts[(rec.topic, rec.partition, rec.offset)] = carrier
 
 
-def inject_headers(topic: str | None = None, partition: int | None = None, offset: int | None = None) -> dict[str, str]:
+def inject_headers(
+    topic: str | None = None, partition: int | None = None, offset: int | None = None
+) -> dict[str, str]:
     """The trace context for a Celery task's headers: a ``dispatch`` span of the event's trace
     (continuing the producer's trace when its Kafka record carried one)."""
     if not _enabled:
@@ -89,7 +99,9 @@ def start_task_span(headers: dict[str, Any] | None, name: str, attributes: dict[
     from opentelemetry import context, propagate, trace
 
     carrier = {k: str(v) for k, v in (headers or {}).items() if k in ("traceparent", "tracestate")}
-    span = trace.get_tracer("ehr-worker").start_span(name, context=propagate.extract(carrier), attributes=attributes)
+    span = trace.get_tracer("ehr-worker").start_span(
+        name, context=propagate.extract(carrier), attributes=attributes
+    )
     token = context.attach(trace.set_span_in_context(span))
     return span, token
 
