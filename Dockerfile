@@ -13,7 +13,7 @@ COPY models ./models
 COPY connectors ./connectors
 COPY training ./training
 COPY workers ./workers
-RUN pip install -c constraints.txt ".[train]"
+RUN pip install -c constraints.txt ".[train,ops]"
 
 RUN useradd --create-home --uid 10001 ehrw && mkdir -p /registry && chown ehrw /registry
 USER ehrw

@@ -67,6 +67,7 @@ from connectors.outcomes import (
 from connectors.paused import PausedPolling
 from connectors.retry import AttemptLedger, Backoff, Health, MemoryAttempts, attempt_key
 from schemas.events import EventRejected, parse_event
+from connectors.observer import ConsumerObserver  # Operations (issue 9)
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,11 @@ class EventConsumer:
         client_id: str = "ehr-worker",
         stats: ConsumerStats | None = None,
         client_config: Mapping[str, Any] | None = None,
+        observer: ConsumerObserver | None = None,  # Operations (issue 9): metrics
     ) -> None:
         """``client_config``: extra kafka-python settings for both consumer and producer (SASL/TLS).
-        ``attempts``: where attempt counts live (default: memory; production: Redis)."""
+        ``attempts``: where attempt counts live (default: memory; production: Redis).
+        ``observer``: told what was polled, what became durable and what was retried (metrics)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         if max_attempts < 1:
@@ -195,6 +198,7 @@ class EventConsumer:
         self.client_config = dict(client_config or {})
         self.health = Health()
         self._backoff = Backoff(retry_backoff_s, retry_backoff_max_s)
+        self.observer = observer  # Operations (issue 9)
         self._finished = 0
         self._stop = threading.Event()
         self._paused = PausedPolling(self._stop)
@@ -240,6 +244,8 @@ class EventConsumer:
                     limit = max(1, min(limit, max_events - self._finished))
                 polled = consumer.poll(timeout_ms=int(self.poll_timeout_s * 1000), max_records=limit)
                 records = [r for tp in sorted(polled, key=lambda t: t.partition) for r in polled[tp]]
+                if self.observer is not None:  # Operations (issue 9)
+                    self.observer.polled(consumer, records)
                 if records:
                     self._process(consumer, producer, records, dispatch)
                     last_record = time.monotonic()  # after the batch: its retry backoff is not idleness
@@ -335,6 +341,8 @@ class EventConsumer:
             if durable < len(tp_slots):
                 next_offsets[tp] = tp_slots[durable].record.offset
                 self.stats.retried += len(tp_slots) - durable
+                if self.observer is not None:  # Operations (issue 9)
+                    self.observer.retried(len(tp_slots) - durable)
                 if tp_slots[durable].status != "retry":  # a publish failed: Kafka's problem, not the event's
                     tp_slots[durable].status, tp_slots[durable].retry_kind = "retry", "unavailable"
             else:
@@ -467,6 +475,14 @@ class EventConsumer:
         self.stats.written += len(slot.results)
         if slot.incoming is not None:
             self.stats.skipped += len(slot.incoming.event.skipped)
+        if self.observer is not None:  # Operations (issue 9)
+            self.observer.durable(
+                slot.record,
+                status=slot.status or "done",
+                reason_code=slot.reason_code,
+                results=slot.results,
+                skipped=slot.incoming.event.skipped if slot.incoming is not None else [],
+            )
 
     def _commit(
         self, consumer: KafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata], records: int

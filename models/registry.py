@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+HISTORY = "HISTORY"  # promote/rollback log, one tab-separated line per change (issue 9)
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -429,3 +430,66 @@ class ModelRegistry:
                 f"model registry {self.root} {'is empty' if self.root.is_dir() else 'does not exist'}; {REBUILD_HINT}"
             )
         return {task: self.verify(task) for task in tasks}
+
+    # -- roll-out (issue 9): promote / rollback with a history ---------------------------------
+    def history(self, task: str) -> list[dict[str, str]]:
+        """The CURRENT changes made by :meth:`promote` and :meth:`rollback`, oldest first."""
+        _check_name("task", task)
+        path = self.root / task / HISTORY
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            parts = line.split("\t")
+            if len(parts) == 4:
+                out.append(dict(zip(("time", "action", "from", "to"), parts)))
+        return out
+
+    def _record(self, task: str, action: str, previous: str | None, version: str) -> None:
+        line = f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}\t{action}\t{previous or '-'}\t{version}\n"
+        with open(self.root / task / HISTORY, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def promote(self, task: str, version: str) -> str | None:
+        """Make ``version`` current (verified first) and record it; returns the previous version.
+
+        Running workers switch to it between tasks (``EHRW_MODEL_CHECK_INTERVAL_S``)."""
+        try:
+            previous: str | None = self.current_version(task)
+        except (ModelNotFoundError, ModelIntegrityError):
+            previous = None
+        self.set_current(task, version)
+        if previous != version:
+            self._record(task, "promote", previous, version)
+        return previous
+
+    def rollback_target(self, task: str) -> str:
+        """The version :meth:`rollback` would make current: the one before the last promote still in
+        effect, else (CURRENT was set some other way) the newest version older than the current one."""
+        current = self.current_version(task)
+        stack: list[str] = []
+        last_to = None
+        for entry in self.history(task):
+            if entry["action"] == "promote" and entry["from"] != "-":
+                stack.append(entry["from"])
+            elif entry["action"] == "rollback" and stack:
+                stack.pop()
+            last_to = entry["to"]
+        if stack and last_to == current and stack[-1] != current:
+            return stack[-1]
+        older = [v for v in self.versions(task) if _natural_key(v) < _natural_key(current)]
+        if not older:
+            raise ModelNotFoundError(
+                f"nothing to roll back to: {task} {current} is the oldest version in {self.root}"
+            )
+        return older[-1]
+
+    def rollback(self, task: str) -> tuple[str, str]:
+        """Undo the last promote of ``task`` (see :meth:`rollback_target`); ``(from, to)``."""
+        current = self.current_version(task)
+        target = self.rollback_target(task)
+        self.set_current(task, target)
+        self._record(task, "rollback", current, target)
+        return current, target

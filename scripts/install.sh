@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.13.0
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[train,dev]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[train,dev,ops]"
 echo "installed: $(.venv/bin/python -c 'import torch, onnxruntime, celery; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__, "| celery", celery.__version__)')"

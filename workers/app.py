@@ -42,7 +42,7 @@ def make_app(settings: Settings) -> Celery:
         # one kills and replaces the child.
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=max(settings.task_hard_time_limit_s, settings.task_soft_time_limit_s + 5),
-        task_default_queue="ehr-worker",
+        task_default_queue=settings.celery_queue,  # Operations (issue 9): EHRW_CELERY_QUEUE
         worker_hijack_root_logger=False,
         timezone="UTC",
     )
@@ -69,3 +69,7 @@ def verify_registry_before_forking(**_: Any) -> None:
         logging.getLogger("workers").critical("refusing to start: %s", exc)
         print(f"ehr-worker: refusing to start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
+
+
+# Operations (issue 9): logs, metrics, /readyz and traces through Celery signals.
+from workers import observability  # noqa: F401

@@ -59,14 +59,17 @@ def consume(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Consume ServiceRequest events from Kafka and hand them to the Celery workers."""
-    _setup_logging(verbose)
     from connectors.kafka import ensure_topics
     from workers.dispatch import build_consumer, build_dispatcher
+    from workers.observability import start_consumer_observability  # Operations (issue 9)
     from workers.settings import get_settings
 
     s = get_settings()
+    observer = start_consumer_observability(s)  # Operations (issue 9): JSON logs, /metrics, /readyz, traces
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
     ensure_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic, s.kafka_result_topic])
-    stats = build_consumer(s).run(build_dispatcher(s), idle_timeout_s=idle_timeout, max_events=max_events)
+    stats = build_consumer(s, observer=observer).run(build_dispatcher(s), idle_timeout_s=idle_timeout, max_events=max_events)
     typer.echo(json.dumps(stats.as_dict()))
 
 
@@ -218,6 +221,14 @@ def models_verify(registry: Annotated[Optional[Path], typer.Option()] = None) ->
             typer.secho(f"FAILED  {task}: {exc}", fg=typer.colors.RED, err=True)
     if bad:
         raise typer.Exit(1)
+
+
+# Operations (issue 9): dead-letter replay and model roll-out commands.
+from workers.ops_cli import dlq_app, models_promote, models_rollback
+
+app.add_typer(dlq_app, name="dlq")
+models_app.command("promote")(models_promote)
+models_app.command("rollback")(models_rollback)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from typing import Any
 from connectors.kafka import EventConsumer, EventOutcome, Incoming
 from connectors.retry import RedisAttempts, RetryKind
 from schemas.events import OrderItem
+from workers.observability import task_options  # Operations (issue 9)
 from workers.settings import Settings
 from workers.tasks import STATUS_DEPLOYMENT, STATUS_FAILED, STATUS_UNAVAILABLE, app, suggest
 
@@ -152,7 +153,7 @@ class CeleryDispatcher:
             while to_send and len(outstanding) < self.max_in_flight_orders:
                 event, tid = to_send.popleft()
                 if event.outcome is None:
-                    self._send(tid, event.orders[tid])
+                    self._send(tid, event.inc, event.orders[tid])
                     outstanding[tid] = event
             self.max_outstanding_seen = max(self.max_outstanding_seen, len(outstanding))
             if all(e.outcome is not None for e in events) or time.monotonic() >= deadline:
@@ -235,14 +236,14 @@ class CeleryDispatcher:
 
     # -- Redis -------------------------------------------------------------------------------------
 
-    def _send(self, tid: str, item: OrderItem) -> None:
+    def _send(self, tid: str, inc: Incoming, item: OrderItem) -> None:
         if not self._redis.set(f"ehrw:sent:{tid}", b"1", nx=True, ex=self.marker_ttl_s):
             return  # sent before (an earlier round, consumer or owner): wait for that one
         try:
             # argsrepr/kwargsrepr: no log line may print the order (Celery logs arguments at INFO).
-            suggest.apply_async(
-                args=[order_item_payload(item)], task_id=tid, argsrepr="(order)", kwargsrepr="{}"
-            )
+            # Operations (issue 9): event/trace headers, and an argsrepr of ids only (logs, Flower).
+            options = task_options(inc.topic, inc.partition, inc.offset, item.order_id)
+            suggest.apply_async(args=[order_item_payload(item)], task_id=tid, **options)
         except Exception:
             self._redis.delete(f"ehrw:sent:{tid}")
             raise
@@ -276,7 +277,7 @@ class CeleryDispatcher:
         for tid, exists in zip(tids, pipe.execute()):
             if not exists:
                 log.warning("task %s vanished from Redis; sending it again", tid)
-                self._send(tid, outstanding[tid].orders[tid])
+                self._send(tid, outstanding[tid].inc, outstanding[tid].orders[tid])
 
     def _forget(self, tids: list[str]) -> None:
         keys: list[Any] = []

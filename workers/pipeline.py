@@ -21,6 +21,7 @@ from schemas.labels import ModelOutput
 from schemas.outcomes import outcome_codes
 from schemas.text import build_model_input, clinical_text, context_references, is_imaging_order
 from schemas.writeback import WritebackSchemaError, build_writeback_bundle
+from workers import metrics, tracing  # Operations (issue 9)
 from workers.supersede import VOID_ORDER_REASONS, cancel_open_tasks, write_with_supersede
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ def suggest_for_order(
         outcome.update(status="rejected", reason_code="invalid_writeback", reason=str(exc)[:500])
         return outcome
     try:
-        response = write_with_supersede(fhir, bundle, sr)  # cancels older versions' open Tasks
+        with metrics.timed(metrics.writeback_seconds), tracing.span("ehrw.fhir.transaction"):  # Operations (issue 9)
+            response = write_with_supersede(fhir, bundle, sr)  # cancels older versions' open Tasks
     except FhirPermanentError as exc:
         outcome.update(
             status="rejected",

@@ -108,6 +108,43 @@ class Settings(BaseSettings):
     model_threads: int = Field(default=1, ge=1)
     top_k: int = Field(default=5, ge=1, le=50)
 
+    # Operations (issue 9): metrics/health ports, logs, traces, model roll-out
+    consumer_http_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="`/metrics`, `/healthz`, `/readyz` of `ehr-worker consume` (0: off)",
+    )
+    worker_http_port: int = Field(
+        default=9465,
+        ge=0,
+        le=65535,
+        description="the same endpoints of each `celery worker`, for all its pool processes (0: off)",
+    )
+    http_host: str = Field(default="0.0.0.0", description="address those endpoints listen on")
+    celery_queue: str = Field(
+        default="ehr-worker",
+        description="Celery queue the consumer sends orders to and workers take them from",
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="`json`: one object per line for log shippers; `text`: for people at a terminal",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
+    model_check_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="a worker looks for a new `{task}/CURRENT` at most this often, between tasks",
+    )
+    otel_enabled: bool = Field(
+        default=False, description="OpenTelemetry traces (consumer -> task -> model -> FHIR)"
+    )
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint, e.g. `http://otel-collector:4318/v1/traces` (default: `OTEL_EXPORTER_OTLP_*`)",
+    )
+    otel_service_name: str = Field(default="ehr-worker", description="`service.name` of the traces")
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -26,6 +26,7 @@ from schemas.events import OrderItem
 from workers.app import app
 from workers.clients import build_fhir_client  # rel-b: one builder (SMART, TLS trust, http:// refusal)
 from workers.pipeline import ModelSet, suggest_for_order
+from workers.rollout import process_holder  # Operations (issue 9)
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ def load_models(settings: Settings) -> ModelSet:
     )
 
 
-@lru_cache(maxsize=1)
 def process_models() -> ModelSet:
-    return load_models(get_settings())
+    # Operations (issue 9): the registry's CURRENT versions, switched between tasks without a restart.
+    return process_holder().models()
 
 
 @lru_cache(maxsize=1)
