@@ -20,6 +20,12 @@ class Prediction:
     code: str
     display: str
     probability: float
+    # optional, for the diagnosis model: extra codings of the same disease (system, code, display),
+    # e.g. the ORPHA twin of an OMIM disease, and the rationale as (HPO code, label) pairs: patient
+    # features that support this disease and excluded features that count against it
+    codings: tuple[tuple[str, str, str], ...] = ()
+    supporting: tuple[tuple[str, str], ...] = ()
+    against: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise numpy scalars to a plain float (json cannot encode numpy.float32), and refuse
@@ -39,12 +45,30 @@ class Prediction:
         return Label(self.system, self.code, self.display)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "system": self.system,
             "code": self.code,
             "display": self.display,
             "probability": self.probability,
         }
+        if self.codings:
+            out["codings"] = [{"system": s, "code": c, "display": d} for s, c, d in self.codings]
+        if self.supporting or self.against:
+            out["rationale"] = {
+                "supporting": [{"code": c, "label": lab} for c, lab in self.supporting],
+                "against": [{"code": c, "label": lab} for c, lab in self.against],
+            }
+        return out
+
+    @classmethod
+    def from_json(cls, p: dict[str, Any]) -> "Prediction":
+        rationale = p.get("rationale") or {}
+        return cls(
+            str(p["system"]), str(p["code"]), str(p["display"]), float(p["probability"]),
+            codings=tuple((str(c["system"]), str(c["code"]), str(c.get("display", ""))) for c in p.get("codings", [])),
+            supporting=tuple((str(x["code"]), str(x["label"])) for x in rationale.get("supporting", [])),
+            against=tuple((str(x["code"]), str(x["label"])) for x in rationale.get("against", [])),
+        )
 
 
 @dataclass
@@ -58,6 +82,8 @@ class ModelOutput:
     predictions: list[Prediction] = field(default_factory=list)
     threshold: float = 0.0
     model_card_url: str | None = None
+    # recognised HPO phenotypes of the input, {"code", "label", "status": present|excluded} (diagnosis)
+    phenotypes: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def top(self) -> Prediction | None:
@@ -65,13 +91,16 @@ class ModelOutput:
 
     def to_json(self) -> dict[str, Any]:
         """The ``ehr-worker predict`` output line of DESIGN.md (the caller adds ``id``)."""
-        return {
+        out = {
             "task": self.task,
             "model": self.model,
             "model_version": self.model_version,
             "abstained": self.abstained,
             "predictions": [p.to_json() for p in self.predictions],
         }
+        if self.phenotypes:
+            out["phenotypes"] = [dict(p) for p in self.phenotypes]
+        return out
 
     @classmethod
     def from_json(
@@ -84,10 +113,8 @@ class ModelOutput:
             model=str(data["model"]),
             model_version=str(data["model_version"]),
             abstained=bool(data["abstained"]),
-            predictions=[
-                Prediction(str(p["system"]), str(p["code"]), str(p["display"]), float(p["probability"]))
-                for p in data.get("predictions", [])
-            ],
+            predictions=[Prediction.from_json(p) for p in data.get("predictions", [])],
             threshold=float(threshold if threshold is not None else data.get("threshold", 0.0)),
             model_card_url=model_card_url if model_card_url is not None else data.get("model_card_url"),
+            phenotypes=[dict(p) for p in data.get("phenotypes", [])],
         )

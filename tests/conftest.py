@@ -105,3 +105,31 @@ def copy_registry(tiny_registry, tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def dx_registry(tmp_path_factory) -> Path:
+    """A registry holding only the diagnosis model (the torch-free phenotype ranker, tiny profile, ~30 s);
+    the tiny test registry's when EHRW_TEST_REGISTRY names one with a phenotype ranker."""
+    prebuilt = os.environ.get("EHRW_TEST_REGISTRY")
+    if prebuilt:
+        from models.registry import ModelRegistry
+
+        try:
+            if getattr(ModelRegistry(prebuilt).load_manifest("diagnosis"), "kind", None) == "hpo-ranker":
+                return Path(prebuilt)
+        except Exception:  # noqa: BLE001 - an older prebuilt registry: build our own
+            pass
+    from training.phenotype.build import build_diagnosis
+
+    root = tmp_path_factory.mktemp("dx-registry")
+    build_diagnosis(root, profile="tiny", seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def dx_model(dx_registry):
+    from models.diagnosis import DiagnosisModel
+    from models.registry import ModelRegistry
+
+    return DiagnosisModel.load(ModelRegistry(dx_registry).current_dir("diagnosis"))

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--model-card-base-url", default=None)
     pl.add_argument("--not-current", action="store_true", help="register the version without making it CURRENT")
     pl.add_argument("--keep-dir", default=None, help="also keep the work files (fp32/int8 ONNX) in this folder")
+    pl.add_argument("--hpo", default=None, metavar="PATH",
+                    help="diagnosis: a folder with another HPO release's hp.json[.gz] and phenotype.hpoa[.gz] "
+                         "(default: the vendored 2023-01-27 release)")
 
     m = sub.add_parser("methods", help="compare full / LoRA / QLoRA-4bit / distilled / pruned on one task")
     _common(m, task_choices=["protocol", "diagnosis"], task_default=None)
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{task}\t{path}")
             return 0
         if args.command == "pipeline":
+            if args.task == "diagnosis" and args.hpo:  # the phenotype ranker reads it from its profile
+                given = profile if isinstance(profile, dict) else {}
+                profile = {"diagnosis": {"profile_name": args.profile, **given.get("diagnosis", {}), "hpo": args.hpo}}
             from training.pipeline import run_pipeline
 
             dest, row = run_pipeline(args.task, Path(args.registry), profile=profile, seed=args.seed,

@@ -59,7 +59,9 @@ def compare_methods(
     for name in methods:
         if name not in METHOD_VARIANTS:
             raise ValueError(f"unknown method {name!r} (choose from {', '.join(METHOD_VARIANTS)})")
-        values = {**base_values, **METHOD_VARIANTS[name], "profile_name": f"methods:{name}"}
+        # classifier: the fine-tuning methods compared here are the text classifier's (for diagnosis the
+        # default model is the phenotype ranker, training.phenotype)
+        values = {**base_values, **METHOD_VARIANTS[name], "profile_name": f"methods:{name}", "classifier": True}
         log.info("[methods] %s: %s", name, DESCRIPTIONS[name])
         dest, row = run_pipeline(task, registry, profile={task: values}, seed=seed, progress=progress,
                                  base_model=base_model, make_current=False)

@@ -336,6 +336,13 @@ def run_pipeline(
 
     ``keep_dir``: also leave the work files (fp32 ONNX, int8 ONNX, tokenizer) there.
     """
+    if task == "diagnosis" and not (isinstance(profile, dict) and profile.get("diagnosis", profile).get("classifier")):
+        # the diagnosis model is the torch-free HPO phenotype ranker (training.phenotype); the text
+        # classifier below stays available for comparison (--set classifier=true)
+        from training.phenotype.build import build_diagnosis
+
+        return build_diagnosis(registry, profile=profile, seed=seed, progress=progress, make_current=make_current,
+                               model_card_base_url=model_card_base_url, version=version)
     import torch
 
     from training import calibrate as cal

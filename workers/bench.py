@@ -590,6 +590,7 @@ def run_bench(
     from rich.console import Console
 
     from connectors.embedded import ensure_redis, free_port, start_sekmet, start_tansu
+    from models.diagnosis import load_diagnosis_model
     from models.registry import ModelRegistry
     from models.runtime import TextClassifier
     from schemas.text import build_model_input
@@ -645,7 +646,7 @@ def run_bench(
         # -- 1. ehr-worker inference --
         models = ModelSet(
             protocol=TextClassifier.load(reg.current_dir("protocol"), threads=1),
-            diagnosis=TextClassifier.load(reg.current_dir("diagnosis"), threads=1),
+            diagnosis=load_diagnosis_model(reg.current_dir("diagnosis"), threads=1),
         )
         figures["orders_text"] = token_stats(models, latency_texts)
         ours = measure_inference(models, latency_texts, batch_size=batch_size, progress=progress)

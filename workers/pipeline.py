@@ -109,7 +109,9 @@ def suggest_for_order(
     text = build_model_input(sr, context)
 
     protocol = models.protocol.predict([text], top_k=top_k)[0] if is_imaging_order(sr) else None
-    diagnosis = models.diagnosis.predict([text], top_k=top_k)[0] if clinical_text(sr, context) else None
+    # a model may read the order its own way (the phenotype ranker reads the full clinical text)
+    dx_text = getattr(models.diagnosis, "input_text", lambda s, c: text)(sr, context)
+    diagnosis = models.diagnosis.predict([dx_text], top_k=top_k)[0] if clinical_text(sr, context) else None
     outcome: dict[str, Any] = {
         "order": order,
         "imaging": protocol is not None,
