@@ -21,7 +21,8 @@ logistic regression on generated cases, see ``training.phenotype.fit``):
 - Resnik mean: the IC-weighted semantic similarity averaged over Q (the field's plain core);
 - excluded: sum over e in E annotated in d of log(1 - 0.9 f(d, e)) (an absent frequent feature);
 - contradiction: count of q that d explicitly excludes (NOT annotations);
-- annotation count (log) and a sex mismatch flag.
+- annotation count (log; once, and once per named feature), a sex mismatch flag, and an ORPHA-only flag (a prior: OMIM diseases are what
+  most case descriptions are about; ORPHA-only entries are often subtypes or groups).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from models.registry import Manifest, verify_version_dir
 KIND = "hpo-ranker"
 FILES = ("hpo_terms.json", "hpo_graph.npz", "diseases.json", "lexicon.json", "ranker.json")
 FEATURES = ("explained_ic", "log_frequency", "partial_ic", "resnik_mean", "excluded", "contradiction",
-            "log_annotations", "sex_mismatch")
+            "log_annotations", "sex_mismatch", "orpha_only", "terms_x_log_annotations")
 GATE_FEATURES = ("n_present", "n_specific", "sum_ic_specific", "max_ic", "top1_probability", "top10_probability",
                  "ordinary_share", "neoplasm_share")
 NEOPLASM = "HP:0002664"
@@ -73,6 +74,7 @@ class Ranker:
         self.sex = a["sex"]
         self.n_diseases = len(self.n_annotations)
         self.log_annotations = np.log1p(self.n_annotations).astype(np.float32)
+        self.orpha_only = a["orpha_only"].astype(np.float32)
         # excluded annotations as term -> diseases (CSC), for "the disease says NOT q"
         ex_indptr, ex_indices = a["ex_indptr"], a["ex_indices"]
         rows = np.repeat(np.arange(self.n_diseases, dtype=np.int32), np.diff(ex_indptr))
@@ -134,6 +136,9 @@ class Ranker:
         X[:, 6] = self.log_annotations
         if sex:
             X[:, 7] = ((self.sex != 0) & (self.sex != sex)).astype(np.float32)
+        X[:, 8] = self.orpha_only
+        # a generative view: each named feature is one draw among the disease's annotations
+        X[:, 9] = len(present) * self.log_annotations
         return X, per_term, present, excluded
 
 
@@ -250,13 +255,13 @@ class DiagnosisModel:
 
         phenotypes = [{"code": self.recognizer.ids[t], "label": self.recognizer.labels[t], "status": st}
                       for st, terms in ((PRESENT, a.present), (EXCLUDED, a.excluded)) for t in terms]
-        preds = []
-        if a.probabilities is not None and a.accept:
+        preds = []  # listed on abstention too (like the protocol's alternatives); nothing is written then
+        if a.probabilities is not None:
             k = max(1, min(int(top_k), len(a.probabilities)))
             top = np.argpartition(-a.probabilities, k - 1)[:k]
             top = top[np.argsort(-a.probabilities[top], kind="stable")]
             preds = [self._prediction(int(d), float(a.probabilities[d]), a) for d in top]
-        return ModelOutput(task=self.task, model=self.name, model_version=self.version, abstained=not preds,
+        return ModelOutput(task=self.task, model=self.name, model_version=self.version, abstained=not a.accept,
                            predictions=preds, threshold=self.threshold, model_card_url=self.model_card_url,
                            phenotypes=phenotypes)
 

@@ -41,7 +41,7 @@ _SPELLING = [(re.compile(p), r) for p, r in (
 )]
 _FORMS = [(re.compile(p), r) for p, r in (
     (r"plastic$", "plasia"), (r"trophic$", "trophy"), (r"otic$", "osis"), (r"ities$", "ity"),
-    (r"ies$", "y"), (r"([^s])sses$", r"\1ss"), (r"(ch|sh|x|z)es$", r"\1"), (r"([^su])s$", r"\1"),
+    (r"ies$", "y"), (r"([^s])sses$", r"\1ss"), (r"(ch|sh|x|z)es$", r"\1"), (r"([^siu])s$", r"\1"),
 )]
 _ENDINGS = ("ia", "ic", "y", "al")
 _CANON = {
@@ -70,10 +70,23 @@ def normalise_token(token: str) -> str:
             t = new
             break
     t = _CANON.get(t, t)
-    for end in _ENDINGS:
-        if t.endswith(end) and len(t) - len(end) >= 5:
-            return t[: -len(end)]
+    for _ in range(2):  # "stereotypical" -> "stereotypic" -> "stereotyp" = "stereotypic"
+        for end in _ENDINGS:
+            if t.endswith(end) and len(t) - len(end) >= 4:
+                t = t[: -len(end)]
+                break
+        else:
+            break
     return t
+
+
+# grading and distribution words that may sit inside a finding ("severe bilateral sensorineural hearing loss")
+MODIFIERS = frozenset(normalise_token(w) for w in (
+    "mild", "mildly", "moderate", "moderately", "severe", "severely", "profound", "marked", "markedly", "significant",
+    "bilateral", "bilaterally", "unilateral", "left", "right", "progressive", "slight", "slightly", "generalized",
+    "diffuse", "prominent", "striking", "obvious", "relative", "congenital", "persistent", "recurrent", "multiple",
+    "symmetric", "symmetrical", "asymmetric", "very", "extremely",
+))
 
 
 def tokens(text: str) -> list[tuple[str, int, int]]:
@@ -178,11 +191,19 @@ class PhenotypeRecognizer:
                 i += 1
                 continue
             hit = None
-            for length in range(min(self.max_len, n - i), 0, -1):
+            for length in range(min(self.max_len + 2, n - i), 0, -1):
                 words = [w for w, _, _ in chunk[i : i + length]]
                 if words[-1] not in self.vocabulary:
                     continue
-                term = self.entries.get(" ".join(sorted(words)))
+                term = self.entries.get(" ".join(sorted(words))) if length <= self.max_len else None
+                if term is None and length > 1:
+                    # "severe progressive scoliosis", "bilateral hypoplastic kidneys": a term with its
+                    # grading words left out, when the lexicon has no term that includes them
+                    core = [w for w in words[1:-1] if w not in MODIFIERS]
+                    if len(core) < length - 2:
+                        term = self.entries.get(" ".join(sorted([words[0], *core, words[-1]])))
+                    if term is None and words[0] in MODIFIERS and length > 1:
+                        term = self.entries.get(" ".join(sorted(w for w in words if w not in MODIFIERS)))
                 if term is not None:
                     hit = (term, i, i + length)
                     break
@@ -198,6 +219,7 @@ class PhenotypeRecognizer:
         words = [t for t, _, _ in toks]
         status = [PRESENT] * len(toks)
         self._apply_scopes(words, status)
+        _query_marks(text, toks, status)
         mentions: list[Mention] = []
         chunk: list[tuple[str, int, int]] = []
         chunk_pos: list[int] = []
@@ -265,6 +287,20 @@ class PhenotypeRecognizer:
                     j += m
                     continue
                 j += 1
+
+
+def _query_marks(text: str, toks: list[tuple[str, int, int]], status: list[str]) -> None:
+    """An order's "? fracture" / "?PE": a question mark that opens a lower-case or attached phrase
+    suspects it (up to the next sentence end); one that ends a question does not."""
+    for i, (w, _, end) in enumerate(toks):
+        if w != "?" or i + 1 >= len(toks):
+            continue
+        follow = text[end : toks[i + 1][1] + 1]
+        if follow.strip() and (follow[-1].islower() or not follow[:-1]):
+            for k in range(i + 1, len(toks)):
+                if toks[k][0] in _SENTENCE_END or toks[k][0] == ",":
+                    break
+                status[k] = UNCERTAIN
 
 
 def _combine(statuses: list[str]) -> str:

@@ -44,16 +44,17 @@ class Prediction:
     def label(self) -> Label:
         return Label(self.system, self.code, self.display)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, detail: bool = False) -> dict[str, Any]:
+        """The documented prediction object; ``detail`` adds ``codings`` and ``rationale`` where present."""
         out: dict[str, Any] = {
             "system": self.system,
             "code": self.code,
             "display": self.display,
             "probability": self.probability,
         }
-        if self.codings:
+        if detail and self.codings:
             out["codings"] = [{"system": s, "code": c, "display": d} for s, c, d in self.codings]
-        if self.supporting or self.against:
+        if detail and (self.supporting or self.against):
             out["rationale"] = {
                 "supporting": [{"code": c, "label": lab} for c, lab in self.supporting],
                 "against": [{"code": c, "label": lab} for c, lab in self.against],
@@ -89,16 +90,17 @@ class ModelOutput:
     def top(self) -> Prediction | None:
         return self.predictions[0] if self.predictions else None
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``ehr-worker predict`` output line of DESIGN.md (the caller adds ``id``)."""
+    def to_json(self, detail: bool = False) -> dict[str, Any]:
+        """The ``ehr-worker predict`` output line of DESIGN.md (the caller adds ``id``); ``detail`` adds
+        the diagnosis model's explanations (``phenotypes``, per-prediction ``codings`` and ``rationale``)."""
         out = {
             "task": self.task,
             "model": self.model,
             "model_version": self.model_version,
             "abstained": self.abstained,
-            "predictions": [p.to_json() for p in self.predictions],
+            "predictions": [p.to_json(detail) for p in self.predictions],
         }
-        if self.phenotypes:
+        if detail and self.phenotypes:
             out["phenotypes"] = [dict(p) for p in self.phenotypes]
         return out
 

@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from models.phenotypes import EXCLUDED, FAMILY, PRESENT, UNCERTAIN, lexicon_key, normalise_token, patient_terms
+from models.phenotypes import (
+    EXCLUDED,
+    FAMILY,
+    PRESENT,
+    UNCERTAIN,
+    lexicon_key,
+    normalise_token,
+    patient_terms,
+)
 
 
 def statuses(recognizer, text: str) -> dict[str, str]:
@@ -51,6 +59,9 @@ def test_case_report_terms_and_spans(dx_model):
         ("MRI to rule out hydrocephalus.", "HP:0000238", UNCERTAIN),
         ("Differential diagnosis included scoliosis.", "HP:0002650", UNCERTAIN),
         ("She has scoliosis. Her mother is healthy.", "HP:0002650", PRESENT),  # scope ends at the sentence
+        ("CT chest ?pneumothorax, dyspnea", "HP:0002107", UNCERTAIN),  # an order's question mark suspects
+        ("CT chest ?pneumothorax, dyspnea", "HP:0002094", PRESENT),
+        ("Is this syndromic? He has scoliosis.", "HP:0002650", PRESENT),
     ],
 )
 def test_negation_family_and_suspicion_scopes(dx_model, text, code, status):

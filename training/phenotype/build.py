@@ -35,11 +35,12 @@ from training.phenotype.lexicon import _held_out, build_lexicon, write_lexicon
 
 log = logging.getLogger("training")
 
+MODEL_NAME = "ehrw-diagnosis"
 PROFILES = {
     "default": {"n_fit": 2500, "n_calib": 800, "n_eval": 2000, "n_ordinary": 1600, "holdout": 0.3,
-                "n_candidates": 150, "omim_share": 0.85, "max_negative_rate": 0.02},
-    "tiny": {"n_fit": 120, "n_calib": 60, "n_eval": 80, "n_ordinary": 120, "holdout": 0.3,
-             "n_candidates": 60, "omim_share": 0.85, "max_negative_rate": 0.05},
+                "n_candidates": 150, "omim_share": 0.85, "max_negative_rate": 0.03, "size_power": 1.0},
+    "tiny": {"n_fit": 300, "n_calib": 200, "n_eval": 100, "n_ordinary": 600, "holdout": 0.3,
+             "n_candidates": 60, "omim_share": 0.85, "max_negative_rate": 0.05, "size_power": 1.0},
 }
 
 
@@ -80,6 +81,14 @@ def _diseases(records, n: int, omim_share: float, rng: random.Random, size_power
     return [pick(omim) if (rng.random() < omim_share or not orpha) else pick(orpha) for _ in range(n)]
 
 
+def _version(reg: ModelRegistry) -> str:
+    """A new version string: the UTC build time, with a counter if that folder exists."""
+    base = datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
+    taken = set(reg.versions("diagnosis")) if (reg.root / "diagnosis").is_dir() else set()
+    return next(v for v in (base if n == 0 else f"{base}.{n}" for n in range(1000))
+                if v not in taken and not (reg.root / "diagnosis" / v).exists())
+
+
 def _ranker_json(weights, temperature: float, gate: dict | None, ordinary_terms=None) -> dict:
     return {"features": list(FEATURES), "weights": [float(w) for w in weights], "temperature": float(temperature),
             "gate": gate or {"features": [], "mean": [0.0] * 8, "scale": [1.0] * 8, "weights": [0.0] * 8,
@@ -100,8 +109,6 @@ def build_diagnosis(
     **_ignored,
 ) -> tuple[Path, dict]:
     """Build, evaluate and publish the diagnosis model; returns (published folder, summary row)."""
-    from training.build import MODEL_NAMES, new_version
-
     if isinstance(profile, dict):  # ``--set`` overrides (or --hpo) on top of a named profile
         given = profile.get("diagnosis", profile)
         base = given.get("profile_name", "default")
@@ -134,13 +141,13 @@ def build_diagnosis(
 
         log.info("diagnosis: fitting the score on %d generated cases", p["n_fit"])
         gen_fit = CaseGenerator(k, seen, seed=seed + 1)
-        fit_cases = [gen_fit.sample(d) for d in _diseases(records, p["n_fit"], p["omim_share"], rng, 0.5)]
+        fit_cases = [gen_fit.sample(d) for d in _diseases(records, p["n_fit"], p["omim_share"], rng, p["size_power"])]
         encoded = fit.encode_cases(model, fit_cases, n_candidates=p["n_candidates"], progress=progress, desc="fit")
         model.weights = fit.fit_weights(encoded)
         log.info("diagnosis: weights %s", dict(zip(FEATURES, np.round(model.weights, 3).tolist())))
 
         gen_cal = CaseGenerator(k, seen, seed=seed + 2)
-        cal_cases = [gen_cal.sample(d) for d in _diseases(records, p["n_calib"], p["omim_share"], rng, 0.5)]
+        cal_cases = [gen_cal.sample(d) for d in _diseases(records, p["n_calib"], p["omim_share"], rng, p["size_power"])]
         model.temperature = fit.fit_temperature(model, [(c.text, c.disease) for c in cal_cases])
         log.info("diagnosis: temperature %.3f", model.temperature)
         neg_texts = ordinary_texts(p["n_ordinary"], seed=seed, split="train")
@@ -166,8 +173,8 @@ def build_diagnosis(
         ranker = _ranker_json(model.weights, model.temperature, model.gate, ordinary_terms)
         (ship / "ranker.json").write_text(json.dumps(ranker, indent=1))
         reg = ModelRegistry(registry)
-        version = version or new_version(reg, "diagnosis")
-        name = MODEL_NAMES["diagnosis"]
+        version = version or _version(reg)
+        name = MODEL_NAME
         release = onto.release
         card_url = f"{model_card_base_url.rstrip('/')}/diagnosis/{version}/MODEL_CARD.md" if model_card_base_url else None
         build_s = time.perf_counter() - t0

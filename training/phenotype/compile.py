@@ -274,6 +274,7 @@ def compile_knowledge(ontology_path: Path = DEFAULT_ONTOLOGY, annotations_path: 
         "an_indptr": an_indptr, "an_indices": an_indices, "an_freq": an_freq,
         "ex_indptr": ex_indptr, "ex_indices": ex_indices,
         "n_annotations": np.diff(an_indptr).astype(np.int32), "sex": sex,
+        "orpha_only": np.array([r.source != "OMIM" for r in records], dtype=bool),
     }
     return {"ontology": onto, "arrays": arrays, "diseases": diseases, "stats": stats, "records": records}
 
