@@ -21,7 +21,8 @@ logistic regression on generated cases, see ``training.phenotype.fit``):
 - Resnik mean: the IC-weighted semantic similarity averaged over Q (the field's plain core);
 - excluded: sum over e in E annotated in d of log(1 - 0.9 f(d, e)) (an absent frequent feature);
 - contradiction: count of q that d explicitly excludes (NOT annotations);
-- annotation count (log; once, and once per named feature), a sex mismatch flag, and an ORPHA-only flag (a prior: OMIM diseases are what
+- annotation count (log; once, and once per named feature), a sex mismatch flag, a "too young" flag (the
+  patient's stated age is below half the disease's earliest annotated onset), and an ORPHA-only flag (a prior: OMIM diseases are what
   most case descriptions are about; ORPHA-only entries are often subtypes or groups).
 """
 
@@ -40,12 +41,19 @@ from models.phenotypes import EXCLUDED, PRESENT, Mention, PhenotypeRecognizer, p
 from models.registry import Manifest, verify_version_dir
 
 KIND = "hpo-ranker"
+MIN_SHARED_IC = 1.0
+SIM_CACHE_TERMS = 256  # x 48 kB
 FILES = ("hpo_terms.json", "hpo_graph.npz", "diseases.json", "lexicon.json", "ranker.json")
 FEATURES = ("explained_ic", "log_frequency", "partial_ic", "resnik_mean", "excluded", "contradiction",
-            "log_annotations", "sex_mismatch", "orpha_only", "terms_x_log_annotations")
+            "log_annotations", "sex_mismatch", "orpha_only", "terms_x_log_annotations", "too_young")
 GATE_FEATURES = ("n_present", "n_specific", "sum_ic_specific", "max_ic", "top1_probability", "top10_probability",
                  "ordinary_share", "neoplasm_share")
 NEOPLASM = "HP:0002664"
+# Subtrees whose findings fill ordinary orders (cancer staging, pain): never evidence of a rare disease
+# for the gate, however rarely the annotations use them. They still count for ranking.
+ORDINARY_SUBTREES = (NEOPLASM, "HP:0012531")  # Neoplasm, Pain
+_AGE = re.compile(r"\b(\d{1,3})[- ](year|yr|month|mo|week|wk|day)s?[- ]old\b|\baged? (\d{1,3})\b|"
+                  r"\b(newborn|neonate|neonatal period|infant)\b", re.I)
 _MALE = re.compile(r"\b(boy|male|man|he|his|him|son|brother|gentleman|mr)\b", re.IGNORECASE)
 _FEMALE = re.compile(r"\b(girl|female|woman|she|her|hers|daughter|sister|lady|mrs|ms)\b", re.IGNORECASE)
 
@@ -58,6 +66,19 @@ def text_sex(text: str) -> int:
     if f > 2 * m and f:
         return 2
     return 0
+
+
+def text_age(text: str) -> float | None:
+    """The patient's age in years from the first "N-year-old" / "aged N" / "newborn"; None if not stated."""
+    m = _AGE.search(text)
+    if m is None:
+        return None
+    if m.group(4):
+        return 0.0 if m.group(4).lower() != "infant" else 0.5
+    if m.group(3):
+        return float(m.group(3))
+    n, unit = float(m.group(1)), m.group(2).lower()
+    return n if unit in ("year", "yr") else n / 12 if unit in ("month", "mo") else n / 52 if unit in ("week", "wk") else n / 365
 
 
 class Ranker:
@@ -73,8 +94,10 @@ class Ranker:
         self.n_annotations = a["n_annotations"]
         self.sex = a["sex"]
         self.n_diseases = len(self.n_annotations)
+        self._sim_cache: dict[int, np.ndarray] = {}
         self.log_annotations = np.log1p(self.n_annotations).astype(np.float32)
         self.orpha_only = a["orpha_only"].astype(np.float32)
+        self.onset_years = a["onset_years"].astype(np.float32)  # NaN: unknown (never "too young")
         # excluded annotations as term -> diseases (CSC), for "the disease says NOT q"
         ex_indptr, ex_indices = a["ex_indptr"], a["ex_indices"]
         rows = np.repeat(np.arange(self.n_diseases, dtype=np.int32), np.diff(ex_indptr))
@@ -94,51 +117,59 @@ class Ranker:
             covered.update(int(a) for a in self.ancestors(t) if a != t)
         return [t for t in terms if t not in covered]
 
-    def similarity(self, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(Resnik sim of q to every disease, hit mask, frequency where hit)."""
+    def similarity(self, q: int) -> np.ndarray:
+        """Resnik similarity of q to every disease: the IC of the most informative ancestor of q that
+        the disease is annotated with (q itself when the disease has q or a descendant: a hit).
+        Ancestors below ``MIN_SHARED_IC`` (annotated in over a third of all diseases) count as nothing:
+        they say little and their columns are most of the cost. Recent terms are cached (read-only)."""
+        sim = self._sim_cache.get(q)
+        if sim is not None:
+            return sim
         sim = np.zeros(self.n_diseases, dtype=np.float32)
         anc = self.ancestors(q)
+        anc = anc[self.ic[anc] >= MIN_SHARED_IC]
         for a in anc[np.argsort(self.ic[anc], kind="stable")]:
-            value = self.ic[a]
-            if value <= 0.05:
-                continue
-            sim[self.col_rows[self.col_indptr[a] : self.col_indptr[a + 1]]] = value
-        lo, hi = self.col_indptr[q], self.col_indptr[q + 1]
-        hit = np.zeros(self.n_diseases, dtype=bool)
-        freq = np.zeros(self.n_diseases, dtype=np.float32)
-        hit[self.col_rows[lo:hi]] = True
-        freq[self.col_rows[lo:hi]] = self.col_freq[lo:hi]
-        return sim, hit, freq
+            sim[self.col_rows[self.col_indptr[a] : self.col_indptr[a + 1]]] = self.ic[a]
+        sim.flags.writeable = False
+        if len(self._sim_cache) >= SIM_CACHE_TERMS:
+            self._sim_cache.pop(next(iter(self._sim_cache)))
+        self._sim_cache[q] = sim
+        return sim
 
-    def features(self, present: Sequence[int], excluded: Sequence[int] = (), sex: int = 0):
-        """``[n_diseases, len(FEATURES)]`` and the per-term (sim, hit) arrays for explanations."""
+    def features(self, present: Sequence[int], excluded: Sequence[int] = (), sex: int = 0, age: float | None = None):
+        """``[n_diseases, len(FEATURES)]`` and the per-term similarity arrays (for explanations)."""
         present = self.most_specific(present)
         excluded = [e for e in dict.fromkeys(excluded) if self.phenotypic[e] and e not in present]
         n = self.n_diseases
-        X = np.zeros((n, len(FEATURES)), dtype=np.float32)
+        sim_sum = np.zeros(n, dtype=np.float32)
+        explained = np.zeros(n, dtype=np.float32)
+        log_freq = np.zeros(n, dtype=np.float32)
+        contradiction = np.zeros(n, dtype=np.float32)
         per_term = []
         for q in present:
-            sim, hit, freq = self.similarity(q)
-            per_term.append((q, sim, hit))
-            X[:, 0] += np.where(hit, self.ic[q], 0.0)
-            X[:, 1] += np.where(hit, np.log(np.maximum(freq, 0.01)), 0.0)
-            X[:, 2] += np.where(hit, 0.0, sim)
-            X[:, 3] += np.where(hit, self.ic[q], sim)
+            sim = self.similarity(q)
+            per_term.append((q, sim))
+            sim_sum += sim
+            lo, hi = self.col_indptr[q], self.col_indptr[q + 1]
+            rows = self.col_rows[lo:hi]
+            explained[rows] += self.ic[q]  # a hit: sim == IC(q) there
+            log_freq[rows] += np.log(np.maximum(self.col_freq[lo:hi], 0.01))
             for a in self.ancestors(q):
-                rows = self.ex_rows[self.ex_start[a] : self.ex_start[a + 1]]
-                if len(rows):
-                    X[rows, 5] += 1.0
-        if present:
-            X[:, 3] /= len(present)
+                ex = self.ex_rows[self.ex_start[a] : self.ex_start[a + 1]]
+                if len(ex):
+                    contradiction[ex] += 1.0
+        absent = np.zeros(n, dtype=np.float32)
         for e in excluded:
             lo, hi = self.col_indptr[e], self.col_indptr[e + 1]
-            X[self.col_rows[lo:hi], 4] += np.log1p(-0.9 * self.col_freq[lo:hi])
-        X[:, 6] = self.log_annotations
-        if sex:
-            X[:, 7] = ((self.sex != 0) & (self.sex != sex)).astype(np.float32)
-        X[:, 8] = self.orpha_only
-        # a generative view: each named feature is one draw among the disease's annotations
-        X[:, 9] = len(present) * self.log_annotations
+            absent[self.col_rows[lo:hi]] += np.log1p(-0.9 * self.col_freq[lo:hi])
+        mismatch = ((self.sex != 0) & (self.sex != sex)).astype(np.float32) if sex else np.zeros(n, np.float32)
+        X = np.stack([
+            explained, log_freq, sim_sum - explained, sim_sum / max(1, len(present)), absent, contradiction,
+            self.log_annotations, mismatch, self.orpha_only,
+            # a generative view: each named feature is one draw among the disease's annotations
+            len(present) * self.log_annotations,
+            (age < 0.5 * self.onset_years).astype(np.float32) if age is not None else np.zeros(n, np.float32),
+        ], axis=1)
         return X, per_term, present, excluded
 
 
@@ -175,7 +206,11 @@ class DiagnosisModel:
         self.temperature = float(params["temperature"])
         self.gate = params["gate"]
         index = {h: i for i, h in enumerate(self.recognizer.ids)}
-        self.ordinary_terms = frozenset(index[h] for h in params.get("ordinary_terms", []) if h in index)
+        owners = np.repeat(np.arange(len(self.ranker.ic)), np.diff(self.ranker.anc_indptr))
+        subtree_roots = [index[h] for h in ORDINARY_SUBTREES if h in index]
+        in_subtrees = owners[np.isin(self.ranker.anc_indices, subtree_roots)]
+        self.ordinary_terms = frozenset(index[h] for h in params.get("ordinary_terms", []) if h in index) | frozenset(
+            int(t) for t in in_subtrees)
         self.neoplasm = index.get(NEOPLASM, -1)
         self.max_chars = int(params.get("max_chars", 20000))
 
@@ -196,8 +231,8 @@ class DiagnosisModel:
         return f"DiagnosisModel({self.name} {self.version}, {len(self.diseases)} diseases)"
 
     # -- inference -----------------------------------------------------------------------------
-    def scores(self, present, excluded=(), sex: int = 0):
-        X, per_term, present, excluded = self.ranker.features(present, excluded, sex)
+    def scores(self, present, excluded=(), sex: int = 0, age: float | None = None):
+        X, per_term, present, excluded = self.ranker.features(present, excluded, sex, age)
         return X @ self.weights, per_term, present, excluded
 
     def gate_vector(self, present: list[int], proba: np.ndarray | None) -> np.ndarray:
@@ -214,7 +249,7 @@ class DiagnosisModel:
                          neo], dtype=np.float64)
 
     def accept(self, g: np.ndarray) -> bool:
-        if g[0] < self.gate.get("min_terms", 1):
+        if g[0] < self.gate.get("min_terms", 1) or g[1] < self.gate.get("min_specific", 0):
             return False
         z = float(np.dot(self.gate["weights"], (g - self.gate["mean"]) / self.gate["scale"]) + self.gate["bias"])
         return 1.0 / (1.0 + math.exp(-z)) >= self.gate["threshold"]
@@ -227,7 +262,7 @@ class DiagnosisModel:
         if not present:
             g = self.gate_vector([], None)
             return Analysis(mentions, [], excluded, None, [], g, False)
-        s, per_term, present, excluded = self.scores(present, excluded, text_sex(text))
+        s, per_term, present, excluded = self.scores(present, excluded, text_sex(text), text_age(text))
         proba = softmax(s / self.temperature)
         g = self.gate_vector(present, proba)
         return Analysis(mentions, present, excluded, proba, per_term, g, self.accept(g))
@@ -236,8 +271,8 @@ class DiagnosisModel:
         from schemas.labels import Prediction
 
         ids, labels = self.recognizer.ids, self.recognizer.labels
-        support = [(ids[q], labels[q]) for q, sim, hit in a.per_term
-                   if hit[d] or sim[d] >= 0.6 * max(float(self.ranker.ic[q]), 1e-6)]
+        support = [(ids[q], labels[q]) for q, sim in a.per_term
+                   if sim[d] >= 0.6 * max(float(self.ranker.ic[q]), 1e-6)]
         against = []
         for e in a.excluded:
             lo, hi = self.ranker.col_indptr[e], self.ranker.col_indptr[e + 1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 PRESENT, EXCLUDED, FAMILY, UNCERTAIN = "present", "excluded", "family", "uncertain"
@@ -30,7 +31,7 @@ STOPWORDS = frozenset(
     ["of", "the", "a", "an", "in", "on", "at", "to", "for", "by", "from", "is", "are", "was", "were", "be", "been", "being", "his", "her", "their", "its", "this", "that", "these", "those", "has", "have", "had", "there", "also", "noted", "found", "showed", "shows", "revealed", "reveals", "some"]
 )
 # words that end a matching chunk (a term never spans them)
-CHUNK_BREAKS = frozenset(["and", "or", "with", "nor", "but", "plus", "including", "include", "includes", "included", "as", "well"])
+CHUNK_BREAKS = frozenset(["with", "nor", "but", "plus", "including", "include", "includes", "included", "as", "well"])
 _WORD = re.compile(r"(?i:\br/o\b)|[A-Za-z0-9]+(?:'[A-Za-z]+)?|[.;:!?|()\[\],/]")
 _SENTENCE_END = frozenset(".;:!?|")
 TURN_WORDS = frozenset(["but", "however", "although", "though", "except", "whereas", "while", "yet", "apart", "aside", "besides"])
@@ -56,6 +57,7 @@ _CANON = {
 }
 
 
+@lru_cache(maxsize=1 << 16)
 def normalise_token(token: str) -> str:
     t = token.lower()
     if t in _CANON:
@@ -144,13 +146,23 @@ UNCERTAIN_PHRASES = _phrases(
 )
 
 
-def _match_at(toks: list[str], i: int, phrases: list[tuple[str, ...]]) -> int:
+def _by_first_word(phrases: list[tuple[str, ...]]) -> dict[str, list[tuple[str, ...]]]:
+    index: dict[str, list[tuple[str, ...]]] = {}
+    for p in sorted(phrases, key=len, reverse=True):
+        index.setdefault(p[0], []).append(p)
+    return index
+
+
+def _match_at(toks: list[str], i: int, phrases: dict[str, list[tuple[str, ...]]]) -> int:
     """Length of the longest phrase starting at ``toks[i]`` (0 if none)."""
-    best = 0
-    for p in phrases:
-        if len(p) > best and tuple(toks[i : i + len(p)]) == p:
-            best = len(p)
-    return best
+    for p in phrases.get(toks[i], ()):
+        if tuple(toks[i : i + len(p)]) == p:
+            return len(p)
+    return 0
+
+
+NEGATION_BEFORE, NEGATION_AFTER, PSEUDO_NEGATION, FAMILY_PHRASES, UNCERTAIN_PHRASES = (
+    _by_first_word(p) for p in (NEGATION_BEFORE, NEGATION_AFTER, PSEUDO_NEGATION, FAMILY_PHRASES, UNCERTAIN_PHRASES))
 
 
 @dataclass(frozen=True)
@@ -191,7 +203,11 @@ class PhenotypeRecognizer:
                 i += 1
                 continue
             hit = None
-            for length in range(min(self.max_len + 2, n - i), 0, -1):
+            run = 1  # a key can only span words the lexicon (or the grading words) knows
+            while i + run < n and run < self.max_len + 2 and (
+                    chunk[i + run][0] in self.vocabulary or chunk[i + run][0] in MODIFIERS):
+                run += 1
+            for length in range(run, 0, -1):
                 words = [w for w, _, _ in chunk[i : i + length]]
                 if words[-1] not in self.vocabulary:
                     continue
@@ -212,7 +228,19 @@ class PhenotypeRecognizer:
                 i = hit[2]
             else:
                 i += 1
-        return out
+        return out + self._coordinated(chunk, out)
+
+    def _coordinated(self, chunk: list[tuple[str, int, int]], found: list[tuple[int, int, int]]):
+        """"short and broad thumbs": the word before "and"/"or" shares the head of the match after it."""
+        extra, taken = [], {k for _, a, b in found for k in range(a, b)}
+        for _, a, b in found:
+            if b - a < 2 or a < 2 or chunk[a - 1][0] not in ("and", "or") or (a - 2) in taken:
+                continue
+            words = [chunk[a - 2][0]] + [w for w, _, _ in chunk[a + 1 : b]]
+            term = self.entries.get(" ".join(sorted(words)))
+            if term is not None:
+                extra.append((term, a - 2, b))
+        return extra
 
     def recognise(self, text: str) -> list[Mention]:
         toks = tokens(text)

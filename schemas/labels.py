@@ -62,7 +62,7 @@ class Prediction:
         return out
 
     @classmethod
-    def from_json(cls, p: dict[str, Any]) -> "Prediction":
+    def from_json(cls, p: dict[str, Any]) -> Prediction:
         rationale = p.get("rationale") or {}
         return cls(
             str(p["system"]), str(p["code"]), str(p["display"]), float(p["probability"]),

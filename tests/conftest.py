@@ -116,10 +116,11 @@ def dx_registry(tmp_path_factory) -> Path:
         from models.registry import ModelRegistry
 
         try:
-            if getattr(ModelRegistry(prebuilt).load_manifest("diagnosis"), "kind", None) == "hpo-ranker":
-                return Path(prebuilt)
-        except Exception:  # noqa: BLE001 - an older prebuilt registry: build our own
-            pass
+            kind = getattr(ModelRegistry(prebuilt).load_manifest("diagnosis"), "kind", None)
+        except Exception:  # noqa: BLE001 - no usable diagnosis model there: build our own
+            kind = None
+        if kind == "hpo-ranker":
+            return Path(prebuilt)
     from training.phenotype.build import build_diagnosis
 
     root = tmp_path_factory.mktemp("dx-registry")

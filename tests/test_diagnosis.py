@@ -137,3 +137,13 @@ def test_output_json_round_trip(dx_model):
     line = json.loads(json.dumps(out.to_json(detail=True)))
     assert line["predictions"][0]["rationale"]["supporting"]
     assert ModelOutput.from_json(line, threshold=out.threshold) == out
+
+
+@pytest.mark.parametrize("text, age", [("We report a 4-year-old boy", 4.0), ("A newborn girl", 0.0),
+                                       ("This 6-month-old infant", 0.5), ("aged 45, female", 45.0), ("an adult", None)])
+def test_age_and_sex_from_the_text(text, age):
+    from models.diagnosis import text_age, text_sex
+
+    assert text_age(text) == age
+    assert text_sex("We report a 4-year-old boy. He had seizures.") == 1
+    assert text_sex("She had seizures; her mother too.") == 2

@@ -77,6 +77,13 @@ def test_only_the_patients_own_findings_are_ranked(dx_model):
     assert [ids[t] for t in excluded] == ["HP:0001250"]
 
 
+def test_labels_with_and_and_coordinated_findings(dx_model):
+    text = "Delayed speech and language development, short and broad thumbs."
+    found = {m.code: text[m.start : m.end] for m in dx_model.recognizer.recognise(text)}
+    assert found["HP:0000750"] == "Delayed speech and language development"
+    assert found["HP:0011304"] == "broad thumbs" and found["HP:0009778"] == "short and broad thumbs"
+
+
 def test_only_phenotypic_abnormalities_count(dx_model):
     codes = statuses(dx_model.recognizer, "Autosomal dominant inheritance, childhood onset, hypotonia.")
     assert "HP:0000006" not in codes and "HP:0011463" not in codes

@@ -152,7 +152,7 @@ def build_diagnosis(
         log.info("diagnosis: temperature %.3f", model.temperature)
         neg_texts = ordinary_texts(p["n_ordinary"], seed=seed, split="train")
         ordinary_terms = fit.ordinary_terms(model, neg_texts, [c.text for c in cal_cases])
-        model.ordinary_terms = frozenset(model.recognizer.ids.index(h) for h in ordinary_terms)
+        model.ordinary_terms |= frozenset(model.recognizer.ids.index(h) for h in ordinary_terms)
         log.info("diagnosis: %d terms seen in ordinary orders", len(ordinary_terms))
         pos = fit.gate_vectors(model, [c.text for c in cal_cases], progress, "gate+")
         neg = fit.gate_vectors(model, neg_texts, progress, "gate-")
@@ -163,6 +163,11 @@ def build_diagnosis(
         eval_cases = [gen_eval.sample(d) for d in _diseases(records, p["n_eval"], p["omim_share"], random.Random(seed + 99))]
         metrics = fit.evaluate(model, eval_cases, arrays["n_annotations"], progress=progress)
         metrics["calibration_top1"] = fit.probability_calibration(model, eval_cases)
+        # published case series favour well-annotated diseases: the same evaluation with diseases drawn in
+        # proportion to their annotation count
+        weighted = [gen_eval.sample(d) for d in _diseases(records, p["n_eval"] // 2, p["omim_share"],
+                                                          random.Random(seed + 98), p["size_power"])]
+        metrics["weighted_by_annotations"] = fit.evaluate(model, weighted, arrays["n_annotations"], progress=progress)
         ordinary = ordinary_texts(p["n_ordinary"], seed=seed + 5, split="test")
         metrics["gate_accept_rate_ordinary"] = float(np.mean([model.analyse(t).accept for t in ordinary]))
         metrics["n_ordinary"] = len(ordinary)

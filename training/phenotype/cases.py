@@ -160,12 +160,27 @@ class CaseGenerator:
         text = self.render(named + noise, negs, fam, rec)
         return GeneratedCase(d, text, named + noise, negs, noise)
 
+    def _age(self, rec) -> str:
+        """An age at report no younger than the disease's earliest annotated onset."""
+        from training.phenotype.compile import earliest_onset
+
+        r = self.rng
+        onset = earliest_onset(rec, self.onto)
+        if onset != onset or onset < 0.08:  # NaN (not annotated) or from birth
+            return r.choice(AGES).format(m=r.randint(2, 11), y=r.randint(1, 15), a=r.randint(16, 60))
+        if onset < 1:
+            return r.choice(AGES[1:]).format(m=r.randint(2, 11), y=r.randint(1, 15), a=r.randint(16, 60))
+        if onset < 16:
+            lo = int(onset)
+            return f"{r.randint(lo, 17)}-year-old" if r.random() < 0.7 else f"{r.randint(18, 60)}-year-old"
+        return f"{r.randint(int(onset), int(onset) + 30)}-year-old"
+
     def render(self, present: list[int], negs: list[int], fam: list[int], rec) -> str:
         r = self.rng
         male = (rec.sexes == {"male"}) or (rec.sexes != {"female"} and r.random() < 0.5)
         who = r.choice(MALE if male else FEMALE)
         he, his = ("he", "his") if male else ("she", "her")
-        age = r.choice(AGES).format(m=r.randint(2, 11), y=r.randint(1, 15), a=r.randint(16, 60))
+        age = self._age(rec)
         names = [self.name(t) for t in present]
         r.shuffle(names)
         first, rest = names[: r.randint(1, min(4, len(names)))], names

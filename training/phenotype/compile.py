@@ -38,6 +38,13 @@ DEFAULT_ONTOLOGY = DATA_DIR / "hp.json.gz"
 DEFAULT_ANNOTATIONS = DATA_DIR / "phenotype.hpoa.gz"
 DEFAULT_RELEASE = "2023-01-27"
 PHENOTYPIC_ABNORMALITY = "HP:0000118"
+# earliest age (years) of each onset class: a patient younger than that cannot show the disease yet
+ONSET_YEARS = {
+    "HP:0011461": 0.0, "HP:0030674": 0.0, "HP:0034198": 0.0, "HP:0034199": 0.0, "HP:0011460": 0.0,
+    "HP:0034197": 0.0, "HP:0003577": 0.0, "HP:0003623": 0.0, "HP:0003593": 0.08, "HP:0011463": 1.0,
+    "HP:0003621": 5.0, "HP:0003581": 16.0, "HP:0011462": 16.0, "HP:0025708": 16.0, "HP:0025709": 16.0,
+    "HP:0025710": 16.0, "HP:0003596": 40.0, "HP:0003584": 60.0,
+}
 MISSING_FREQUENCY = 0.6  # an annotation without frequency: LIRICAL-style "usually present"
 OMIM_SYSTEM = "http://www.omim.org"
 ORPHA_SYSTEM = "http://www.orpha.net"
@@ -209,6 +216,12 @@ def load_annotations(path: Path, onto: Ontology) -> tuple[list[DiseaseRecord], d
     return omim + kept_orpha, stats
 
 
+def earliest_onset(rec: DiseaseRecord, onto: Ontology) -> float:
+    """Earliest annotated onset in years, NaN when the annotations give none."""
+    years = [ONSET_YEARS[onto.ids[t]] for t in rec.onsets if onto.ids[t] in ONSET_YEARS]
+    return min(years) if years else float("nan")
+
+
 def _csr(rows: list[np.ndarray], values: list[np.ndarray] | None = None, dtype=np.float32):
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(r) for r in rows])
@@ -275,6 +288,7 @@ def compile_knowledge(ontology_path: Path = DEFAULT_ONTOLOGY, annotations_path: 
         "ex_indptr": ex_indptr, "ex_indices": ex_indices,
         "n_annotations": np.diff(an_indptr).astype(np.int32), "sex": sex,
         "orpha_only": np.array([r.source != "OMIM" for r in records], dtype=bool),
+        "onset_years": np.array([earliest_onset(r, onto) for r in records], dtype=np.float32),
     }
     return {"ontology": onto, "arrays": arrays, "diseases": diseases, "stats": stats, "records": records}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from models.diagnosis import FEATURES, GATE_FEATURES, DiagnosisModel, softmax, text_sex
+from models.diagnosis import FEATURES, GATE_FEATURES, DiagnosisModel, softmax, text_age, text_sex
 from models.phenotypes import patient_terms
 
 RESNIK = FEATURES.index("resnik_mean")
@@ -43,7 +43,7 @@ def encode_cases(model: DiagnosisModel, cases, n_candidates: int = 150, progress
             out.append(Encoded(c.disease, np.zeros((0, len(FEATURES)), np.float32), [], excluded, c.present,
                                c.excluded, c.text))
             continue
-        X, _, present, excluded = model.ranker.features(present, excluded, text_sex(c.text))
+        X, _, present, excluded = model.ranker.features(present, excluded, text_sex(c.text), text_age(c.text))
         cand = np.argpartition(-X[:, RESNIK], n_candidates)[:n_candidates]
         cand = np.concatenate([[c.disease], cand[cand != c.disease]])
         out.append(Encoded(c.disease, X[cand], present, excluded, c.present, c.excluded, c.text))
@@ -84,7 +84,7 @@ def fit_temperature(model: DiagnosisModel, texts_and_gold: list[tuple[str, int]]
         a = model.analyse(text)
         if a.probabilities is None:
             continue
-        s, _, _, _ = model.scores(a.present, a.excluded, text_sex(text))
+        s, _, _, _ = model.scores(a.present, a.excluded, text_sex(text), text_age(text))
         scores.append((s.astype(np.float64), d))
     grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 60))
 
@@ -109,7 +109,8 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, max_negative_rate: float = 0.02) 
     threshold = max(0.5, float(np.quantile(prob_neg, 1.0 - max_negative_rate))) if len(neg) else 0.5
     return {"features": list(GATE_FEATURES), "mean": mean.tolist(), "scale": scale.tolist(),
             "weights": clf.coef_[0].tolist(), "bias": float(clf.intercept_[0]), "threshold": min(threshold, 0.99),
-            "min_terms": 1}
+            # one finding that is not common in ordinary orders ("lung cancer, weight loss") is not a work-up
+            "min_terms": 1, "min_specific": 2}
 
 
 def ordinary_terms(model: DiagnosisModel, negatives: list[str], positives: list[str], min_count: int = 2) -> list[str]:
@@ -165,7 +166,7 @@ def evaluate(model: DiagnosisModel, cases, n_annotations: np.ndarray, progress: 
             row.update(model=10**6, resnik=10**6)
         else:
             row["model"] = rank_of(a.probabilities, c.disease)
-            X, _, _, _ = model.ranker.features(a.present, a.excluded, text_sex(c.text))
+            X, _, _, _ = model.ranker.features(a.present, a.excluded, text_sex(c.text), text_age(c.text))
             row["resnik"] = rank_of(X[:, RESNIK], c.disease)
         gold = model.ranker.most_specific(c.present)
         if gold:

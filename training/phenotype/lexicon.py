@@ -31,6 +31,11 @@ CURATED: dict[str, str] = {
     "clubfoot": "HP:0001762", "reflux": "HP:0002020", "GERD": "HP:0002020", "ADHD": "HP:0007018",
     "HCM": "HP:0001639", "DCM": "HP:0001644", "CKD": "HP:0012622", "ESRD": "HP:0003774",
     "autistic features": "HP:0000729", "autism spectrum disorder": "HP:0000729",
+    "loss of acquired skills": "HP:0002376", "regression of acquired skills": "HP:0002376",
+    "loss of skills": "HP:0002376", "loss of milestones": "HP:0002376",
+    "congenital heart disease": "HP:0001627", "congenital heart defect": "HP:0001627",
+    "elevated CK": "HP:0003236", "raised CK": "HP:0003236", "high CK": "HP:0003236",
+    "elevated creatine kinase": "HP:0003236", "learning difficulties": "HP:0001249", "fractures": "HP:0020110",
     "enlarged liver": "HP:0002240", "enlarged spleen": "HP:0001744", "large liver": "HP:0002240",
 }
 PRIORITY = {"curated": 0, "label": 1, "exact": 2, "layperson": 2, "related": 3}

@@ -42,6 +42,14 @@ and paraphrases of labels. Ranking is over every disease.
 
 {topk_table(metrics)}
 
+Diseases drawn in proportion to their annotation count (as published case series favour well-described
+diseases), {metrics['weighted_by_annotations']['all']['model']['n']} cases: this model top-1
+{_pct(metrics['weighted_by_annotations']['all']['model']['top1'])} / top-10
+{_pct(metrics['weighted_by_annotations']['all']['model']['top10'])}; plain Resnik
+{_pct(metrics['weighted_by_annotations']['all']['resnik']['top1'])} /
+{_pct(metrics['weighted_by_annotations']['all']['resnik']['top10'])}; given a suggestion
+{_pct(metrics['weighted_by_annotations']['gate_accept_rate_cases'])}.
+
 ## Concept recognition (held-out phrasings)
 
 | | precision | recall |
