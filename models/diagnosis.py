@@ -53,7 +53,7 @@ NEOPLASM = "HP:0002664"
 # for the gate, however rarely the annotations use them. They still count for ranking.
 ORDINARY_SUBTREES = (NEOPLASM, "HP:0012531")  # Neoplasm, Pain
 _AGE = re.compile(r"\b(\d{1,3})[- ](year|yr|month|mo|week|wk|day)s?[- ]old\b|\baged? (\d{1,3})\b|"
-                  r"\b(newborn|neonate|neonatal period|infant)\b", re.I)
+                  r"\b(newborn|neonate|neonatal period|infant)\b", re.IGNORECASE)
 _MALE = re.compile(r"\b(boy|male|man|he|his|him|son|brother|gentleman|mr)\b", re.IGNORECASE)
 _FEMALE = re.compile(r"\b(girl|female|woman|she|her|hers|daughter|sister|lady|mrs|ms)\b", re.IGNORECASE)
 

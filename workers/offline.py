@@ -90,7 +90,7 @@ def phenotypes_file(input_path: Path, output_path: Path, *, registry: Path | Non
     folder = ModelRegistry(registry).current_dir("diagnosis")
     model = load_diagnosis_model(folder)
     if not isinstance(model, DiagnosisModel):
-        raise ValueError(f"the current diagnosis model in {folder} has no phenotype recogniser (an older text "
+        raise ValueError(  # noqa: TRY004 - the CLI reports ValueError as a clear messagef"the current diagnosis model in {folder} has no phenotype recogniser (an older text "
                          "classifier); rebuild it with `python -m training pipeline --task diagnosis`")
     n = 0
     with _open_out(output_path) as out:

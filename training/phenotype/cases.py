@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -166,7 +167,7 @@ class CaseGenerator:
 
         r = self.rng
         onset = earliest_onset(rec, self.onto)
-        if onset != onset or onset < 0.08:  # NaN (not annotated) or from birth
+        if math.isnan(onset) or onset < 0.08:  # not annotated, or from birth
             return r.choice(AGES).format(m=r.randint(2, 11), y=r.randint(1, 15), a=r.randint(16, 60))
         if onset < 1:
             return r.choice(AGES[1:]).format(m=r.randint(2, 11), y=r.randint(1, 15), a=r.randint(16, 60))
