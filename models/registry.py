@@ -47,6 +47,8 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE)
+# manifests with a ``kind`` other than a text classifier list other required files
+KIND_FILES = {"hpo-ranker": ("hpo_terms.json", "hpo_graph.npz", "diseases.json", "lexicon.json", "ranker.json")}
 
 REBUILD_HINT = "rebuild with `ehr-worker models build` (or `python -m training build`)"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -136,9 +138,6 @@ class Manifest(BaseModel):
                 raise ValueError(f"file name {name!r} is not a plain relative path inside the version folder")
             if not _SHA256.match(digest):
                 raise ValueError(f"sha256 of {name} is not 64 lowercase hex digits")
-        missing = [f for f in REQUIRED_FILES if f not in files]
-        if missing:
-            raise ValueError(f"files must list {', '.join(missing)}")
         return files
 
     @field_validator("created")
@@ -157,6 +156,11 @@ class Manifest(BaseModel):
                 f"format_version {self.format_version} is newer than this ehr-worker understands "
                 f"({FORMAT_VERSION}); upgrade ehr-worker"
             )
+        # a text classifier needs its ONNX graph and tokenizer; an ``hpo-ranker`` (models.diagnosis) its arrays
+        required = KIND_FILES.get(getattr(self, "kind", None) or "", REQUIRED_FILES)
+        missing = [f for f in required if f not in self.files]
+        if missing:
+            raise ValueError(f"files must list {', '.join(missing)}")
         keys = [(label.system, label.code) for label in self.labels]
         if len(set(keys)) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)

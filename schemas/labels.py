@@ -20,6 +20,12 @@ class Prediction:
     code: str
     display: str
     probability: float
+    # optional, for the diagnosis model: extra codings of the same disease (system, code, display),
+    # e.g. the ORPHA twin of an OMIM disease, and the rationale as (HPO code, label) pairs: patient
+    # features that support this disease and excluded features that count against it
+    codings: tuple[tuple[str, str, str], ...] = ()
+    supporting: tuple[tuple[str, str], ...] = ()
+    against: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise numpy scalars to a plain float (json cannot encode numpy.float32), and refuse
@@ -38,13 +44,32 @@ class Prediction:
     def label(self) -> Label:
         return Label(self.system, self.code, self.display)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, detail: bool = False) -> dict[str, Any]:
+        """The documented prediction object; ``detail`` adds ``codings`` and ``rationale`` where present."""
+        out: dict[str, Any] = {
             "system": self.system,
             "code": self.code,
             "display": self.display,
             "probability": self.probability,
         }
+        if detail and self.codings:
+            out["codings"] = [{"system": s, "code": c, "display": d} for s, c, d in self.codings]
+        if detail and (self.supporting or self.against):
+            out["rationale"] = {
+                "supporting": [{"code": c, "label": lab} for c, lab in self.supporting],
+                "against": [{"code": c, "label": lab} for c, lab in self.against],
+            }
+        return out
+
+    @classmethod
+    def from_json(cls, p: dict[str, Any]) -> Prediction:
+        rationale = p.get("rationale") or {}
+        return cls(
+            str(p["system"]), str(p["code"]), str(p["display"]), float(p["probability"]),
+            codings=tuple((str(c["system"]), str(c["code"]), str(c.get("display", ""))) for c in p.get("codings", [])),
+            supporting=tuple((str(x["code"]), str(x["label"])) for x in rationale.get("supporting", [])),
+            against=tuple((str(x["code"]), str(x["label"])) for x in rationale.get("against", [])),
+        )
 
 
 @dataclass
@@ -61,22 +86,27 @@ class ModelOutput:
     # a label outside the allowed set (a protocol of another exam than the one ordered) that the
     # model, unrestricted, is confident in: reported separately, never in ``predictions``
     alternative: Prediction | None = None
+    # recognised HPO phenotypes of the input, {"code", "label", "status": present|excluded} (diagnosis)
+    phenotypes: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def top(self) -> Prediction | None:
         return self.predictions[0] if self.predictions else None
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``ehr-worker predict`` output line of DESIGN.md (the caller adds ``id``)."""
+    def to_json(self, detail: bool = False) -> dict[str, Any]:
+        """The ``ehr-worker predict`` output line of DESIGN.md (the caller adds ``id``); ``detail`` adds
+        the diagnosis model's explanations (``phenotypes``, per-prediction ``codings`` and ``rationale``)."""
         out: dict[str, Any] = {
             "task": self.task,
             "model": self.model,
             "model_version": self.model_version,
             "abstained": self.abstained,
-            "predictions": [p.to_json() for p in self.predictions],
+            "predictions": [p.to_json(detail) for p in self.predictions],
         }
         if self.alternative is not None:
             out["alternative_exam"] = self.alternative.to_json()
+        if detail and self.phenotypes:
+            out["phenotypes"] = [dict(p) for p in self.phenotypes]
         return out
 
     @classmethod
@@ -90,12 +120,10 @@ class ModelOutput:
             model=str(data["model"]),
             model_version=str(data["model_version"]),
             abstained=bool(data["abstained"]),
-            predictions=[_prediction(p) for p in data.get("predictions", [])],
+            predictions=[Prediction.from_json(p) for p in data.get("predictions", [])],
             threshold=float(threshold if threshold is not None else data.get("threshold", 0.0)),
             model_card_url=model_card_url if model_card_url is not None else data.get("model_card_url"),
-            alternative=_prediction(data["alternative_exam"]) if data.get("alternative_exam") else None,
+            alternative=Prediction.from_json(data["alternative_exam"]) if data.get("alternative_exam") else None,
+            phenotypes=[dict(p) for p in data.get("phenotypes", [])],
         )
 
-
-def _prediction(p: dict[str, Any]) -> Prediction:
-    return Prediction(str(p["system"]), str(p["code"]), str(p["display"]), float(p["probability"]))

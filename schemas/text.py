@@ -32,6 +32,7 @@ __all__ = [
     "context_references",
     "is_imaging_order",
     "names_imaging_modality",
+    "phenotype_text",
     "service_request_from_text",
 ]
 
@@ -84,6 +85,22 @@ def clinical_text(service_request: dict[str, Any], context: Sequence[dict[str, A
     """The free-text part only (reason, notes, context) in the same format, or ``""`` when there is
     none: the diagnosis model runs only when this is non-empty."""
     return _join(_clinical_segments(service_request, context, with_extras=False))
+
+
+PHENOTYPE_TEXT_MAX_CHARS = 20000
+
+
+def phenotype_text(service_request: dict[str, Any], context: Sequence[dict[str, Any]] = ()) -> str:
+    """The clinical free text in full (reasons, notes, context resources) for phenotype recognition
+    (models.diagnosis). Unlike :func:`build_model_input` no segment is cut at a few hundred characters:
+    a case description's findings run through all of it. Parts are joined by `` | `` (a sentence end
+    for concept recognition, so no negation scope crosses from one part into the next)."""
+    reasons = [_concept_text(c) for c in objects(service_request.get("reasonCode"))]
+    reasons += [clean_text(r.get("display")) for r in objects(service_request.get("reasonReference"))]
+    notes = [clean_text(n.get("text")) for n in objects(service_request.get("note"))]
+    rendered = [_render_context(r) for r in _context_resources(service_request, context)]
+    parts = [p for p in reasons + notes + rendered if p]
+    return SEPARATOR.join(dict.fromkeys(parts))[:PHENOTYPE_TEXT_MAX_CHARS]
 
 
 def context_references(service_request: dict[str, Any]) -> list[str]:

@@ -177,6 +177,16 @@ def build_writeback_bundle(
     if diagnosis is not None and not diagnosis.abstained and diagnosis.predictions:
         device_url = add_device(diagnosis)
         key = suggestion_identifier(service_request, diagnosis.model, diagnosis.model_version)
+        observations = [
+            _phenotype_observation(ph, key=key, order_ref=order_ref, subject=subject, encounter=encounter,
+                                   device_url=device_url, when=when)
+            for ph in diagnosis.phenotypes
+            if ph.get("status") in _PHENOTYPE_INTERPRETATION and str(ph.get("code", "")).startswith("HP:")
+        ]
+        for obs in observations:
+            obs_key = obs["identifier"][0]["value"]
+            entries.append(_entry(obs, obs_key, _token_query("identifier", IDENTIFIER_SYSTEM, obs_key)))
+            targets.append((entries[-1]["fullUrl"], obs_key))
         risk = _risk_assessment(
             diagnosis,
             key=key,
@@ -185,6 +195,7 @@ def build_writeback_bundle(
             encounter=encounter,
             device_url=device_url,
             when=when,
+            basis=[_full_url("Observation", o["identifier"][0]["value"]) for o in observations],
         )
         # R4 defines RiskAssessment?identifier, but servers do not all index it (sekmet does not);
         # _tag is a base parameter every server indexes, so the key rides in meta.tag as well.
@@ -342,6 +353,7 @@ def _risk_assessment(
     encounter: dict[str, Any] | None,
     device_url: str,
     when: str,
+    basis: list[str] = (),
 ) -> dict[str, Any]:
     risk = {
         "resourceType": "RiskAssessment",
@@ -364,17 +376,70 @@ def _risk_assessment(
         "encounter": encounter,
         "occurrenceDateTime": when,
         "performer": {"reference": device_url},
-        "basis": [{"reference": order_ref}],
-        "prediction": [
-            {
-                "outcome": _prediction_concept(p),
-                "probabilityDecimal": _probability(p),
-            }
-            for p in output.predictions
-        ],
+        "basis": [{"reference": order_ref}] + [{"reference": url} for url in basis],
+        "prediction": [_risk_prediction(p) for p in output.predictions],
         "note": [{"text": _model_note(output)}],
     }
     return {k: v for k, v in risk.items() if v is not None}
+
+
+HPO_SYSTEM = "http://human-phenotype-ontology.org"
+_INTERPRETATION_SYSTEM = f"{_HL7_CS}/v3-ObservationInterpretation"
+# Phenopackets on FHIR: a phenotypic feature is an Observation coded with the HPO term; an excluded
+# feature has interpretation NEG (and value false), an observed one POS (value true).
+_PHENOTYPE_INTERPRETATION = {"present": ("POS", "Positive", True), "excluded": ("NEG", "Negative", False)}
+
+
+def _risk_prediction(p: Prediction) -> dict[str, Any]:
+    outcome = _prediction_concept(p)
+    outcome["coding"] += [{"system": s, "code": c, "display": d} for s, c, d in p.codings]
+    out: dict[str, Any] = {"outcome": outcome, "probabilityDecimal": _probability(p)}
+    rationale = _rationale(p)
+    if rationale:
+        out["rationale"] = rationale
+    return out
+
+
+def _rationale(p: Prediction) -> str:
+    """The coded features behind a ranked disease: HPO codes and labels only, never note text."""
+    parts = []
+    if p.supporting:
+        parts.append("Supporting features: " + "; ".join(f"{c} {lab}" for c, lab in p.supporting) + ".")
+    if p.against:
+        parts.append("Absent features that count against it: " + "; ".join(f"{c} {lab}" for c, lab in p.against) + ".")
+    return " ".join(parts)
+
+
+def _phenotype_observation(
+    phenotype: dict[str, str],
+    *,
+    key: str,
+    order_ref: str,
+    subject: dict[str, Any],
+    encounter: dict[str, Any] | None,
+    device_url: str,
+    when: str,
+) -> dict[str, Any]:
+    code, label, status = str(phenotype["code"]), str(phenotype.get("label", "")), phenotype["status"]
+    interp, interp_display, value = _PHENOTYPE_INTERPRETATION[status]
+    obs_key = _hash(_KEY_VERSION, "Observation", key, code, status)
+    obs = {
+        "resourceType": "Observation",
+        "meta": _meta(),
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": obs_key}],
+        "basedOn": [{"reference": order_ref}],
+        "status": "preliminary",
+        "category": [{"coding": [{"system": f"{_HL7_CS}/observation-category", "code": "exam", "display": "Exam"}]}],
+        "code": {"coding": [{"system": HPO_SYSTEM, "code": code, "display": label}], "text": label},
+        "subject": subject,
+        "encounter": encounter,
+        "issued": when,
+        "device": {"reference": device_url},
+        "valueBoolean": value,
+        "interpretation": [{"coding": [{"system": _INTERPRETATION_SYSTEM, "code": interp, "display": interp_display}]}],
+        "method": {"text": "AI concept recognition from the order's clinical text"},
+    }
+    return {k: v for k, v in obs.items() if v is not None}
 
 
 def _provenance(

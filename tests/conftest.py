@@ -94,3 +94,32 @@ def copy_registry(tiny_registry, tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def dx_registry(tmp_path_factory) -> Path:
+    """A registry holding only the diagnosis model (the torch-free phenotype ranker, tiny profile, ~30 s);
+    the tiny test registry's when EHRW_TEST_REGISTRY names one with a phenotype ranker."""
+    prebuilt = os.environ.get("EHRW_TEST_REGISTRY")
+    if prebuilt:
+        from models.registry import ModelRegistry
+
+        try:
+            kind = getattr(ModelRegistry(prebuilt).load_manifest("diagnosis"), "kind", None)
+        except Exception:  # noqa: BLE001 - no usable diagnosis model there: build our own
+            kind = None
+        if kind == "hpo-ranker":
+            return Path(prebuilt)
+    from training.phenotype.build import build_diagnosis
+
+    root = tmp_path_factory.mktemp("dx-registry")
+    build_diagnosis(root, profile="tiny", seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def dx_model(dx_registry):
+    from models.diagnosis import DiagnosisModel
+    from models.registry import ModelRegistry
+
+    return DiagnosisModel.load(ModelRegistry(dx_registry).current_dir("diagnosis"))

@@ -41,10 +41,11 @@ def test_predict_writes_one_line_per_input_in_the_documented_shape(tiny_registry
         assert [line["id"] for line in lines] == ["a", "b", "c"]
         for line in lines:
             assert set(line) == {"id", "task", "model", "model_version", "abstained", "predictions"}
-            assert line["task"] == task and len(line["predictions"]) == 3
+            # the diagnosis model lists nothing when the text names no phenotype at all (it abstains)
+            assert line["task"] == task and (len(line["predictions"]) == 3 or (task == "diagnosis" and line["abstained"]))
             probs = [p["probability"] for p in line["predictions"]]
             assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
-            assert set(line["predictions"][0]) == {"system", "code", "display", "probability"}
+            assert not line["predictions"] or set(line["predictions"][0]) == {"system", "code", "display", "probability"}
 
 
 def test_predict_accepts_servicerequest_ndjson(tiny_registry, tmp_path):

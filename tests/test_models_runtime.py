@@ -37,8 +37,10 @@ def protocol(tiny_registry) -> TextClassifier:
 
 
 @pytest.fixture(scope="module")
-def diagnosis(tiny_registry) -> TextClassifier:
-    return TextClassifier.load_current(tiny_registry, "diagnosis")
+def diagnosis(tiny_registry):
+    from models.diagnosis import load_diagnosis_model
+
+    return load_diagnosis_model(ModelRegistry(tiny_registry).current_dir("diagnosis"))
 
 
 def test_loads_the_current_versions(tiny_registry, protocol, diagnosis):
@@ -46,7 +48,7 @@ def test_loads_the_current_versions(tiny_registry, protocol, diagnosis):
     assert protocol.version == reg.current_version("protocol") and protocol.name == "ehrw-protocol"
     assert diagnosis.version == reg.current_version("diagnosis") and diagnosis.name == "ehrw-diagnosis"
     assert len(protocol.labels) == 34 == protocol.encoder.num_outputs
-    assert len(diagnosis.labels) >= 20 and diagnosis.labels[0].system.startswith("https://")
+    assert len(diagnosis.diseases) > 10_000 and diagnosis.diseases[0]["code"].startswith("OMIM:")
     assert protocol.encoder.threads == 1
     assert protocol.encoder.input_names == ["input_ids", "attention_mask"]
 
@@ -70,17 +72,17 @@ def test_predict_shapes_order_and_probabilities(protocol, top_k):
         json.dumps(line)
 
 
-def test_predict_proba_is_calibrated_softmax_and_matches_predict(diagnosis):
-    proba = diagnosis.predict_proba(TEXTS)
-    assert proba.shape == (len(TEXTS), len(diagnosis.labels))
+def test_predict_proba_is_calibrated_softmax_and_matches_predict(protocol):
+    proba = protocol.predict_proba(TEXTS)
+    assert proba.shape == (len(TEXTS), len(protocol.labels))
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
-    logits = diagnosis.logits(TEXTS)
-    z = logits / diagnosis.temperature
+    logits = protocol.logits(TEXTS)
+    z = logits / protocol.temperature
     expected = np.exp(z - z.max(1, keepdims=True))
     np.testing.assert_allclose(proba, expected / expected.sum(1, keepdims=True), atol=1e-6)
-    for row, out in zip(proba, diagnosis.predict(TEXTS, top_k=5)):
+    for row, out in zip(proba, protocol.predict(TEXTS, top_k=5)):
         top = np.argsort(-row)[:5]
-        assert [p.code for p in out.predictions][0] == diagnosis.labels[top[0]].code
+        assert [p.code for p in out.predictions][0] == protocol.labels[top[0]].code
         assert out.predictions[0].probability == pytest.approx(row[top[0]], abs=1e-6)
 
 
@@ -169,9 +171,12 @@ def test_inference_never_imports_torch(tiny_registry):
         "from models import TextClassifier, ModelRegistry\n"
         f"reg = ModelRegistry({str(tiny_registry)!r})\n"
         "reg.verify_all()\n"
-        "for task in ('protocol', 'diagnosis'):\n"
-        "    out = TextClassifier.load_current(reg, task).predict(['CT head for trauma', 'seizures'], top_k=3)\n"
-        "    assert len(out) == 2 and len(out[0].predictions) == 3\n"
+        "from models.diagnosis import load_diagnosis_model\n"
+        "texts = ['CT head for trauma', 'Boy with seizures, hypotonia, microcephaly and hypertelorism.']\n"
+        "out = TextClassifier.load_current(reg, 'protocol').predict(texts, top_k=3)\n"
+        "assert len(out) == 2 and len(out[0].predictions) == 3\n"
+        "out = load_diagnosis_model(reg.current_dir('diagnosis')).predict(texts, top_k=3)\n"
+        "assert len(out) == 2 and len(out[1].predictions) == 3\n"
         "heavy = [m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "print('ok')\n"

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--model-card-base-url", default=None)
     pl.add_argument("--not-current", action="store_true", help="register the version without making it CURRENT")
     pl.add_argument("--keep-dir", default=None, help="also keep the work files (fp32/int8 ONNX) in this folder")
+    pl.add_argument("--hpo", default=None, metavar="PATH",
+                    help="diagnosis: a folder with another HPO release's hp.json[.gz] and phenotype.hpoa[.gz] "
+                         "(default: the vendored 2023-01-27 release)")
     pl.add_argument("--catalog", default=None, metavar="CSV_OR_JSON",
                     help="protocol: a hospital's own catalog (CSV: code,display,modality,region,contrast[,system,loinc,"
                          "examples]; or a FHIR CodeSystem JSON) instead of the 34 default protocols")
@@ -108,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         overrides["catalog"] = str(Path(args.catalog).resolve())
+    if getattr(args, "hpo", None):
+        if args.task != "diagnosis":
+            parser.error("--hpo applies to --task diagnosis")
+        overrides["hpo"] = str(Path(args.hpo).resolve())
     try:
         profile = {task: Profile.from_values(overrides, base=named_profile(args.profile, task)) for task in tasks}
     except KeyError as exc:

@@ -61,7 +61,10 @@ def compare_methods(
     for name in methods:
         if name not in METHOD_VARIANTS:
             raise ValueError(f"unknown method {name!r} (choose from {', '.join(METHOD_VARIANTS)})")
-        variant = Profile.from_values({**METHOD_VARIANTS[name], "name": f"methods:{name}"}, base=base_values)
+        # classifier: the fine-tuning methods compared here are the text classifier's (for diagnosis the
+        # default model is the phenotype ranker, training.phenotype)
+        variant = Profile.from_values({**METHOD_VARIANTS[name], "name": f"methods:{name}", "classifier": True},
+                                      base=base_values)
         log.info("[methods] %s: %s", name, DESCRIPTIONS[name])
         dest, row = run_pipeline(task, registry, profile=variant, seed=seed, progress=progress,
                                  base_model=base_model, make_current=False)

@@ -69,6 +69,7 @@ from training.model import (
 )
 from training.modelcard import render_model_card
 from training.profiles import Profile, resolve_profile
+from training.phenotype.build import build_diagnosis
 from training.protocol_eval import calibrate_on_exams, write_exam_slices
 from training.report import comparison_table, evaluation_report
 from training.stages import (
@@ -104,6 +105,12 @@ def run_pipeline(
     """
     setup_logging(progress)
     p = resolve_profile(profile, task)
+    if task == "diagnosis" and not p.classifier:
+        # the diagnosis model is the torch-free HPO phenotype ranker (training.phenotype); the text
+        # classifier below stays available for comparison (--set classifier=true)
+        return build_diagnosis(registry, profile={"profile_name": p.name, "hpo": p.hpo}, seed=seed,
+                               progress=progress, make_current=make_current,
+                               model_card_base_url=model_card_base_url, version=version)
     reg = ModelRegistry(registry)
     base = base_model_folder(base_model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -31,6 +31,10 @@ class Profile:
     n_train: int = 12000  # protocol: generated training orders
     n_val: int = 1000  # protocol: validation orders (early stopping)
     n_test: int = 2000  # protocol: held-out-phrasing test orders
+    # diagnosis: False builds the default torch-free HPO phenotype ranker (training.phenotype), whose own
+    # sizes live in training.phenotype.build.PROFILES; True builds this text classifier (for comparison)
+    classifier: bool = False
+    hpo: str | None = None  # diagnosis: a folder with another HPO release (default: the vendored 2023-01-27)
     max_diseases: int | None = 1000  # diagnosis: the first N of the 4,808 panel diseases (None: all)
     n_train_per_disease: int = 20  # diagnosis: training notes per disease
     n_val_per_disease: int = 1

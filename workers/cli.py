@@ -126,6 +126,23 @@ def predict(
 
 
 @app.command()
+def phenotypes(
+    input_path: Annotated[Path, typer.Argument(metavar="IN", help="FHIR ServiceRequest NDJSON, or JSONL with id and text.")],
+    output_path: Annotated[Path, typer.Argument(metavar="OUT", help="JSONL, one line per input ('-' for stdout).")],
+    registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+) -> None:
+    """Recognise HPO phenotypes in each text (present / excluded / family / uncertain, with character spans)."""
+    from workers.offline import phenotypes_file
+
+    try:
+        n = phenotypes_file(input_path, output_path, registry=registry)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if str(output_path) != "-":
+        typer.echo(f"wrote {n} lines to {output_path}", err=True)
+
+
+@app.command()
 def demo(
     keep_running: Annotated[bool, typer.Option(help="Leave the services up after the table (Ctrl-C stops).")] = False,
     profile: Annotated[str, typer.Option(help="Model profile to build when models are absent.")] = "default",

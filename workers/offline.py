@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from models.diagnosis import load_diagnosis_model
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
 from schemas.jsonlines import iter_json_lines
@@ -50,16 +51,50 @@ def predict_file(
         from workers.settings import get_settings
 
         registry = get_settings().model_registry
-    model = TextClassifier.load(ModelRegistry(registry).current_dir(task))
+    folder = ModelRegistry(registry).current_dir(task)
+    model = load_diagnosis_model(folder) if task == "diagnosis" else TextClassifier.load(folder)
+    to_text = getattr(model, "input_text", lambda sr, context=(): build_model_input(sr))
     orders = list(read_orders(input_path))
     n = 0
     with _open_out(output_path) as out:
         for start in range(0, len(orders), batch_size):
             chunk = orders[start : start + batch_size]
-            # protocol: only the protocols of the exam each order names (its code) are ranked
-            weights = model.order_weights([sr for _, sr in chunk]) if task == "protocol" else None
-            outputs = model.predict([build_model_input(sr) for _, sr in chunk], top_k=top_k, weights=weights)
+            texts = [to_text(sr) for _, sr in chunk]
+            if task == "protocol":  # only the protocols of the exam each order names (its code) are ranked
+                outputs = model.predict(texts, top_k=top_k, weights=model.order_weights([sr for _, sr in chunk]))
+            else:
+                outputs = model.predict(texts, top_k=top_k)
             for (order_id, _), output in zip(chunk, outputs):
                 out.write(json.dumps({"id": order_id, **output.to_json()}) + "\n")
                 n += 1
+    return n
+
+
+def phenotypes_file(input_path: Path, output_path: Path, *, registry: Path | None = None) -> int:
+    """``ehr-worker phenotypes``: one line per order, ``{"id", "terms": [{code, label, status, span}]}``.
+    Spans are character offsets into the text the model reads: the ``text`` of a JSONL line as given,
+    or for a ServiceRequest its clinical text (``schemas.text.phenotype_text``)."""
+    from models.diagnosis import DiagnosisModel
+
+    if not input_path.exists():
+        raise FileNotFoundError(f"{input_path} does not exist")
+    if registry is None:
+        from workers.settings import get_settings
+
+        registry = get_settings().model_registry
+    folder = ModelRegistry(registry).current_dir("diagnosis")
+    model = load_diagnosis_model(folder)
+    if not isinstance(model, DiagnosisModel):
+        # a ValueError: the CLI reports it as a clear message
+        raise ValueError(  # noqa: TRY004
+            f"the current diagnosis model in {folder} has no phenotype recogniser (an older text "
+                         "classifier); rebuild it with `python -m training pipeline --task diagnosis`")
+    n = 0
+    with _open_out(output_path) as out:
+        for order_id, sr in read_orders(input_path):
+            plain = set(sr) <= {"resourceType", "id", "status", "intent", "note"}  # a JSONL {id, text} line
+            text = sr["note"][0]["text"] if plain and sr.get("note") else model.input_text(sr)
+            terms = [m.to_json() for m in model.recognizer.recognise(text[: model.max_chars])]
+            out.write(json.dumps({"id": order_id, "terms": terms}) + "\n")
+            n += 1
     return n

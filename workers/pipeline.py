@@ -144,7 +144,9 @@ def suggest_for_order(
 
     run_protocol, run_diagnosis = applicable_models(sr, context)
     protocol = predict_protocol(models.protocol, sr, text, top_k) if run_protocol else None
-    diagnosis = models.diagnosis.predict([text], top_k=top_k)[0] if run_diagnosis else None
+    # a model may read the order its own way (the phenotype ranker reads the full clinical text)
+    dx_text = getattr(models.diagnosis, "input_text", lambda s, c: text)(sr, context)
+    diagnosis = models.diagnosis.predict([dx_text], top_k=top_k)[0] if run_diagnosis else None
     outcome: dict[str, Any] = {
         "order": order,
         "imaging": protocol is not None,

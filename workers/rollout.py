@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
+from models.diagnosis import load_diagnosis_model
 from models.runtime import TextClassifier
 from workers import logs, metrics, tracing
 from workers.pipeline import ModelSet
@@ -38,9 +39,10 @@ class TimedClassifier:
         self._name = str(getattr(inner, "name", "model"))
         self._histogram = metrics.inference_seconds.labels(self._name)
 
-    def predict(self, texts: Sequence[str], top_k: int = 5) -> list:
+    def predict(self, texts: Sequence[str], top_k: int = 5, **options: Any) -> list:
+        # options: e.g. the protocol model's per-order label ``weights`` (the ordered exam)
         with metrics.timed(self._histogram), tracing.span("ehrw.inference", model=self._name):
-            return self.inner.predict(texts, top_k=top_k)
+            return self.inner.predict(texts, top_k=top_k, **options)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -106,12 +108,20 @@ class ModelHolder:
         metrics.model_loaded.labels(task, version).set(1)
 
 
+def load_model_folder(path: Path, *, threads: int = 1) -> Any:
+    """The model a registry version folder (``{task}/{version}``) serves: the diagnosis folder may
+    hold the phenotype ranker (models.diagnosis), every other one a text classifier."""
+    if path.parent.name == "diagnosis":
+        return load_diagnosis_model(path, threads=threads)
+    return TextClassifier.load(path, threads=threads)
+
+
 @lru_cache(maxsize=1)
 def process_holder() -> ModelHolder:
     """This worker process's holder, from the settings (created after the prefork)."""
     settings = get_settings()
     return ModelHolder(
         settings.model_registry,
-        loader=lambda path: TextClassifier.load(path, threads=settings.model_threads),
+        loader=lambda path: load_model_folder(path, threads=settings.model_threads),
         check_interval_s=settings.model_check_interval_s,
     )

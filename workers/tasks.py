@@ -20,6 +20,7 @@ from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from connectors.fhir import FhirClient, FhirTransientError
+from models.diagnosis import load_diagnosis_model
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
 from schemas.events import OrderItem
@@ -36,7 +37,7 @@ def load_models(settings: Settings) -> ModelSet:
     registry = ModelRegistry(settings.model_registry)
     return ModelSet(
         protocol=TextClassifier.load(registry.current_dir("protocol"), threads=settings.model_threads),
-        diagnosis=TextClassifier.load(registry.current_dir("diagnosis"), threads=settings.model_threads),
+        diagnosis=load_diagnosis_model(registry.current_dir("diagnosis"), threads=settings.model_threads),
     )
 
 

@@ -78,7 +78,7 @@ class TextClassifiers:
     """Both served models, as the worker loads them (``workers.pipeline.ModelSet`` of the runtime's classifiers)."""
 
     protocol: TextClassifier
-    diagnosis: TextClassifier
+    diagnosis: Any  # the phenotype ranker (models.diagnosis) or an older text classifier
 
 
 def model_info(registry: ModelRegistry) -> dict[str, dict]:

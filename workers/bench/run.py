@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 from rich.console import Console
 
+from models.diagnosis import load_diagnosis_model
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
 from schemas.tasks import TASKS
@@ -116,7 +117,7 @@ def run_bench(
 
         # -- 1. ehr-worker inference --
         models = TextClassifiers(protocol=TextClassifier.load(reg.current_dir("protocol"), threads=1),
-                                 diagnosis=TextClassifier.load(reg.current_dir("diagnosis"), threads=1))
+                                 diagnosis=load_diagnosis_model(reg.current_dir("diagnosis"), threads=1))
         figures["orders_text"] = token_stats(models.protocol, latency_texts)
         ours = measure_inference(models, latency_texts, batch_size=batch_size, progress=progress)
 

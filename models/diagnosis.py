@@ -1,0 +1,325 @@
+"""The served rare-disease diagnosis model: text -> HPO terms -> every annotated disease ranked ->
+calibrated probabilities, or abstention when the text describes no rare-disease phenotype.
+
+numpy only (no torch, no ontology library). A version folder (``kind: hpo-ranker`` in the manifest)
+holds what :mod:`training.phenotype` compiled from one HPO release:
+
+    hpo_terms.json   term ids, labels, alt/obsolete ids -> primary
+    hpo_graph.npz    IC, is_a ancestor closure, disease x term closure (CSR + CSC) with frequencies,
+                     direct annotations, excluded (NOT) annotations, sex, annotation counts
+    diseases.json    one row per disease (OMIM first, ORPHA-only after; ORPHA twin of an OMIM disease
+                     as its second coding)
+    lexicon.json     concept-recognition lexicon (:mod:`models.phenotypes`)
+    ranker.json      fitted weights of the score, temperature, specificity gate
+
+Score of a disease d for present terms Q and excluded terms E (features fitted by conditional
+logistic regression on generated cases, see ``training.phenotype.fit``):
+
+- explained IC: sum of IC(q) over q that d is annotated with (q or a descendant of q);
+- frequency: sum of log f(d, q) over those q (a rare feature explains less than an obligate one);
+- partial credit: sum over the other q of the IC of the most informative common ancestor (Resnik);
+- Resnik mean: the IC-weighted semantic similarity averaged over Q (the field's plain core);
+- excluded: sum over e in E annotated in d of log(1 - 0.9 f(d, e)) (an absent frequent feature);
+- contradiction: count of q that d explicitly excludes (NOT annotations);
+- annotation count (log; once, and once per named feature), a sex mismatch flag, a "too young" flag (the
+  patient's stated age is below half the disease's earliest annotated onset), and an ORPHA-only flag (a prior: OMIM diseases are what
+  most case descriptions are about; ORPHA-only entries are often subtypes or groups).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.phenotypes import EXCLUDED, PRESENT, Mention, PhenotypeRecognizer, patient_terms
+from models.registry import Manifest, verify_version_dir
+
+KIND = "hpo-ranker"
+MIN_SHARED_IC = 1.0
+SIM_CACHE_TERMS = 256  # x 48 kB
+FILES = ("hpo_terms.json", "hpo_graph.npz", "diseases.json", "lexicon.json", "ranker.json")
+FEATURES = ("explained_ic", "log_frequency", "partial_ic", "resnik_mean", "excluded", "contradiction",
+            "log_annotations", "sex_mismatch", "orpha_only", "terms_x_log_annotations", "too_young")
+GATE_FEATURES = ("n_present", "n_specific", "sum_ic_specific", "max_ic", "top1_probability", "top10_probability",
+                 "ordinary_share", "neoplasm_share")
+NEOPLASM = "HP:0002664"
+# Subtrees whose findings fill ordinary orders (cancer staging, pain): never evidence of a rare disease
+# for the gate, however rarely the annotations use them. They still count for ranking.
+ORDINARY_SUBTREES = (NEOPLASM, "HP:0012531")  # Neoplasm, Pain
+_AGE = re.compile(r"\b(\d{1,3})[- ](year|yr|month|mo|week|wk|day)s?[- ]old\b|\baged? (\d{1,3})\b|"
+                  r"\b(newborn|neonate|neonatal period|infant)\b", re.IGNORECASE)
+_MALE = re.compile(r"\b(boy|male|man|he|his|him|son|brother|gentleman|mr)\b", re.IGNORECASE)
+_FEMALE = re.compile(r"\b(girl|female|woman|she|her|hers|daughter|sister|lady|mrs|ms)\b", re.IGNORECASE)
+
+
+def text_sex(text: str) -> int:
+    """1 male, 2 female, 0 unknown/mixed: from the words a case report uses for the patient."""
+    m, f = len(_MALE.findall(text)), len(_FEMALE.findall(text))
+    if m > 2 * f and m:
+        return 1
+    if f > 2 * m and f:
+        return 2
+    return 0
+
+
+def text_age(text: str) -> float | None:
+    """The patient's age in years from the first "N-year-old" / "aged N" / "newborn"; None if not stated."""
+    m = _AGE.search(text)
+    if m is None:
+        return None
+    if m.group(4):
+        return 0.0 if m.group(4).lower() != "infant" else 0.5
+    if m.group(3):
+        return float(m.group(3))
+    n, unit = float(m.group(1)), m.group(2).lower()
+    return n if unit in ("year", "yr") else n / 12 if unit in ("month", "mo") else n / 52 if unit in ("week", "wk") else n / 365
+
+
+class Ranker:
+    """Feature computation over all diseases for one patient's terms (shared by training and serving)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        a = arrays
+        self.ic = a["ic"].astype(np.float32)
+        self.phenotypic = a["phenotypic"].astype(bool)
+        self.anc_indptr, self.anc_indices = a["anc_indptr"], a["anc_indices"]
+        self.col_indptr, self.col_rows, self.col_freq = a["col_indptr"], a["col_rows"], a["col_freq"]
+        self.dz_indptr, self.dz_indices, self.dz_freq = a["dz_indptr"], a["dz_indices"], a["dz_freq"]
+        self.n_annotations = a["n_annotations"]
+        self.sex = a["sex"]
+        self.n_diseases = len(self.n_annotations)
+        self._sim_cache: dict[int, np.ndarray] = {}
+        self.log_annotations = np.log1p(self.n_annotations).astype(np.float32)
+        self.orpha_only = a["orpha_only"].astype(np.float32)
+        self.onset_years = a["onset_years"].astype(np.float32)  # NaN: unknown (never "too young")
+        # excluded annotations as term -> diseases (CSC), for "the disease says NOT q"
+        ex_indptr, ex_indices = a["ex_indptr"], a["ex_indices"]
+        rows = np.repeat(np.arange(self.n_diseases, dtype=np.int32), np.diff(ex_indptr))
+        order = np.argsort(ex_indices, kind="stable")
+        self.ex_terms = ex_indices[order]
+        self.ex_rows = rows[order]
+        self.ex_start = np.searchsorted(self.ex_terms, np.arange(len(self.ic) + 1))
+
+    def ancestors(self, t: int) -> np.ndarray:
+        return self.anc_indices[self.anc_indptr[t] : self.anc_indptr[t + 1]]
+
+    def most_specific(self, terms: Sequence[int]) -> list[int]:
+        """Drop terms that are ancestors of another listed term ("seizure" next to "focal seizure")."""
+        terms = [t for t in dict.fromkeys(terms) if self.phenotypic[t]]
+        covered: set[int] = set()
+        for t in terms:
+            covered.update(int(a) for a in self.ancestors(t) if a != t)
+        return [t for t in terms if t not in covered]
+
+    def similarity(self, q: int) -> np.ndarray:
+        """Resnik similarity of q to every disease: the IC of the most informative ancestor of q that
+        the disease is annotated with (q itself when the disease has q or a descendant: a hit).
+        Ancestors below ``MIN_SHARED_IC`` (annotated in over a third of all diseases) count as nothing:
+        they say little and their columns are most of the cost. Recent terms are cached (read-only)."""
+        sim = self._sim_cache.get(q)
+        if sim is not None:
+            return sim
+        sim = np.zeros(self.n_diseases, dtype=np.float32)
+        anc = self.ancestors(q)
+        anc = anc[self.ic[anc] >= MIN_SHARED_IC]
+        for a in anc[np.argsort(self.ic[anc], kind="stable")]:
+            sim[self.col_rows[self.col_indptr[a] : self.col_indptr[a + 1]]] = self.ic[a]
+        sim.flags.writeable = False
+        if len(self._sim_cache) >= SIM_CACHE_TERMS:
+            self._sim_cache.pop(next(iter(self._sim_cache)))
+        self._sim_cache[q] = sim
+        return sim
+
+    def features(self, present: Sequence[int], excluded: Sequence[int] = (), sex: int = 0, age: float | None = None):
+        """``[n_diseases, len(FEATURES)]`` and the per-term similarity arrays (for explanations)."""
+        present = self.most_specific(present)
+        excluded = [e for e in dict.fromkeys(excluded) if self.phenotypic[e] and e not in present]
+        n = self.n_diseases
+        sim_sum = np.zeros(n, dtype=np.float32)
+        explained = np.zeros(n, dtype=np.float32)
+        log_freq = np.zeros(n, dtype=np.float32)
+        contradiction = np.zeros(n, dtype=np.float32)
+        per_term = []
+        for q in present:
+            sim = self.similarity(q)
+            per_term.append((q, sim))
+            sim_sum += sim
+            lo, hi = self.col_indptr[q], self.col_indptr[q + 1]
+            rows = self.col_rows[lo:hi]
+            explained[rows] += self.ic[q]  # a hit: sim == IC(q) there
+            log_freq[rows] += np.log(np.maximum(self.col_freq[lo:hi], 0.01))
+            for a in self.ancestors(q):
+                ex = self.ex_rows[self.ex_start[a] : self.ex_start[a + 1]]
+                if len(ex):
+                    contradiction[ex] += 1.0
+        absent = np.zeros(n, dtype=np.float32)
+        for e in excluded:
+            lo, hi = self.col_indptr[e], self.col_indptr[e + 1]
+            absent[self.col_rows[lo:hi]] += np.log1p(-0.9 * self.col_freq[lo:hi])
+        mismatch = ((self.sex != 0) & (self.sex != sex)).astype(np.float32) if sex else np.zeros(n, np.float32)
+        X = np.stack([
+            explained, log_freq, sim_sum - explained, sim_sum / max(1, len(present)), absent, contradiction,
+            self.log_annotations, mismatch, self.orpha_only,
+            # a generative view: each named feature is one draw among the disease's annotations
+            len(present) * self.log_annotations,
+            (age < 0.5 * self.onset_years).astype(np.float32) if age is not None else np.zeros(n, np.float32),
+        ], axis=1)
+        return X, per_term, present, excluded
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+@dataclass
+class Analysis:
+    """Everything about one text: mentions, the terms used, probabilities and gate inputs."""
+
+    mentions: list[Mention]
+    present: list[int]
+    excluded: list[int]
+    probabilities: np.ndarray | None
+    per_term: list
+    gate_features: np.ndarray
+    accept: bool
+
+
+class DiagnosisModel:
+    """``DiagnosisModel.load(version_dir).predict(texts, top_k)`` -> one ModelOutput per text."""
+
+    def __init__(self, manifest: Manifest | None, folder: Path):
+        self.manifest, self.version_dir = manifest, folder
+        arrays = dict(np.load(folder / "hpo_graph.npz"))
+        self.ranker = Ranker(arrays)
+        self.recognizer = PhenotypeRecognizer.load(folder, phenotypic=self.ranker.phenotypic)
+        self.diseases = json.loads((folder / "diseases.json").read_text(encoding="utf-8"))
+        params = json.loads((folder / "ranker.json").read_text(encoding="utf-8"))
+        self.weights = np.asarray(params["weights"], dtype=np.float32)
+        self.temperature = float(params["temperature"])
+        self.gate = params["gate"]
+        index = {h: i for i, h in enumerate(self.recognizer.ids)}
+        owners = np.repeat(np.arange(len(self.ranker.ic)), np.diff(self.ranker.anc_indptr))
+        subtree_roots = [index[h] for h in ORDINARY_SUBTREES if h in index]
+        in_subtrees = owners[np.isin(self.ranker.anc_indices, subtree_roots)]
+        self.ordinary_terms = frozenset(index[h] for h in params.get("ordinary_terms", []) if h in index) | frozenset(
+            int(t) for t in in_subtrees)
+        self.neoplasm = index.get(NEOPLASM, -1)
+        self.max_chars = int(params.get("max_chars", 20000))
+
+    @classmethod
+    def load(cls, version_dir: str | Path, *, verify: bool = True, threads: int = 1) -> DiagnosisModel:
+        version_dir = Path(version_dir)
+        manifest = verify_version_dir(version_dir) if verify else Manifest.read(version_dir / "manifest.json")
+        return cls(manifest, version_dir)
+
+    # -- metadata (what the pipeline and write-back read; no manifest while training fits it) ----
+    task = property(lambda self: self.manifest.task if self.manifest else "diagnosis")
+    name = property(lambda self: self.manifest.name if self.manifest else "ehrw-diagnosis")
+    version = property(lambda self: self.manifest.version if self.manifest else "unpublished")
+    model_card_url = property(lambda self: self.manifest.model_card_url if self.manifest else None)
+    threshold = property(lambda self: float(self.gate.get("threshold", 0.5)))
+
+    def __repr__(self) -> str:
+        return f"DiagnosisModel({self.name} {self.version}, {len(self.diseases)} diseases)"
+
+    # -- inference -----------------------------------------------------------------------------
+    def scores(self, present, excluded=(), sex: int = 0, age: float | None = None):
+        X, per_term, present, excluded = self.ranker.features(present, excluded, sex, age)
+        return X @ self.weights, per_term, present, excluded
+
+    def gate_vector(self, present: list[int], proba: np.ndarray | None) -> np.ndarray:
+        """Inputs of the specificity gate (GATE_FEATURES). "Ordinary" terms are those that training saw
+        in ordinary orders and notes (chest pain, fever, cancer...): weak evidence of a rare disease."""
+        if not present:
+            return np.array([0, 0, 0, 0, 0, 0, 1, 0], dtype=np.float64)
+        ic = self.ranker.ic[present]
+        specific = [t for t in present if t not in self.ordinary_terms]
+        top = np.sort(proba)[::-1] if proba is not None else np.zeros(10)
+        neo = float(np.mean([self.neoplasm in self.ranker.ancestors(t) for t in present]))
+        return np.array([len(present), len(specific), float(self.ranker.ic[specific].sum()) if specific else 0.0,
+                         float(ic.max()), float(top[0]), float(top[:10].sum()), 1 - len(specific) / len(present),
+                         neo], dtype=np.float64)
+
+    def accept(self, g: np.ndarray) -> bool:
+        if g[0] < self.gate.get("min_terms", 1) or g[1] < self.gate.get("min_specific", 0):
+            return False
+        z = float(np.dot(self.gate["weights"], (g - self.gate["mean"]) / self.gate["scale"]) + self.gate["bias"])
+        return 1.0 / (1.0 + math.exp(-z)) >= self.gate["threshold"]
+
+    def analyse(self, text: str) -> Analysis:
+        text = text[: self.max_chars]
+        mentions = self.recognizer.recognise(text)
+        present, excluded = patient_terms(mentions)
+        present = self.ranker.most_specific(present)
+        if not present:
+            g = self.gate_vector([], None)
+            return Analysis(mentions, [], excluded, None, [], g, False)
+        s, per_term, present, excluded = self.scores(present, excluded, text_sex(text), text_age(text))
+        proba = softmax(s / self.temperature)
+        g = self.gate_vector(present, proba)
+        return Analysis(mentions, present, excluded, proba, per_term, g, self.accept(g))
+
+    def _prediction(self, d: int, p: float, a: Analysis):
+        from schemas.labels import Prediction
+
+        ids, labels = self.recognizer.ids, self.recognizer.labels
+        support = [(ids[q], labels[q]) for q, sim in a.per_term
+                   if sim[d] >= 0.6 * max(float(self.ranker.ic[q]), 1e-6)]
+        against = []
+        for e in a.excluded:
+            lo, hi = self.ranker.col_indptr[e], self.ranker.col_indptr[e + 1]
+            rows = self.ranker.col_rows[lo:hi]
+            k = np.searchsorted(rows, d)
+            if k < len(rows) and rows[k] == d and self.ranker.col_freq[lo + k] >= 0.25:
+                against.append((ids[e], labels[e]))
+        row = self.diseases[d]
+        extra = (("http://www.orpha.net", row["orpha"], row["display"]),) if row.get("orpha") else ()
+        return Prediction(row["system"], row["code"], row["display"], min(1.0, max(0.0, round(float(p), 6))),
+                          codings=extra, supporting=tuple(support), against=tuple(against))
+
+    def output(self, a: Analysis, top_k: int = 5):
+        from schemas.labels import ModelOutput
+
+        phenotypes = [{"code": self.recognizer.ids[t], "label": self.recognizer.labels[t], "status": st}
+                      for st, terms in ((PRESENT, a.present), (EXCLUDED, a.excluded)) for t in terms]
+        preds = []  # listed on abstention too (like the protocol's alternatives); nothing is written then
+        if a.probabilities is not None:
+            k = max(1, min(int(top_k), len(a.probabilities)))
+            top = np.argpartition(-a.probabilities, k - 1)[:k]
+            top = top[np.argsort(-a.probabilities[top], kind="stable")]
+            preds = [self._prediction(int(d), float(a.probabilities[d]), a) for d in top]
+        return ModelOutput(task=self.task, model=self.name, model_version=self.version, abstained=not a.accept,
+                           predictions=preds, threshold=self.threshold, model_card_url=self.model_card_url,
+                           phenotypes=phenotypes)
+
+    def predict(self, texts: Sequence[str], top_k: int = 5, batch_size: int = 32) -> list:
+        """One :class:`schemas.labels.ModelOutput` per text; ``abstained`` when the text describes no
+        rare-disease phenotype (the fitted specificity gate)."""
+        return [self.output(self.analyse(t if isinstance(t, str) else str(t)), top_k) for t in texts]
+
+    @staticmethod
+    def input_text(service_request: dict, context: Sequence[dict] = ()) -> str:
+        """What this model reads of an order: the full clinical text (schemas.text.phenotype_text)."""
+        from schemas.text import phenotype_text
+
+        return phenotype_text(service_request, context)
+
+
+def load_diagnosis_model(version_dir: str | Path, *, threads: int = 1):
+    """The registry's diagnosis model, whatever its kind: an ``hpo-ranker`` folder loads as
+    :class:`DiagnosisModel`, an older text-classifier folder as :class:`models.runtime.TextClassifier`."""
+    version_dir = Path(version_dir)
+    manifest = Manifest.read(version_dir / "manifest.json")
+    if getattr(manifest, "kind", None) == KIND:
+        return DiagnosisModel.load(version_dir, threads=threads)
+    from models.runtime import TextClassifier
+
+    return TextClassifier.load(version_dir, threads=threads)

@@ -1,0 +1,149 @@
+"""The served diagnosis model (models.diagnosis): ranking over every annotated disease, abstention on
+ordinary orders, rationale and write-back (HPO Observations in the RiskAssessment's basis)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from schemas.validation import r4_schema_errors
+from schemas.writeback import HPO_SYSTEM, build_writeback_bundle
+
+HPO_CODE = re.compile(r"^HP:\d{7}$")
+CASE = ("We report a 4-year-old boy with global developmental delay, hypotonia and seizures. Examination "
+        "showed microcephaly, hypertelorism, low-set ears and a hypoplastic corpus callosum. There was no "
+        "hepatosplenomegaly. His brother had cleft palate. Zorblat-7 was mentioned by the family.")
+ORDINARY = ["Prostate cancer, rising PSA. Bone scan for staging.", "Headache, rule out bleed.",
+            "28 weeks pregnant, check fetal growth.", "Chest pain, shortness of breath, r/o PE.",
+            "Fall from ladder, wrist pain, ? fracture."]
+
+
+def disease_index(model, code: str) -> int:
+    return next(i for i, d in enumerate(model.diseases) if d["code"] == code)
+
+
+def annotated_terms(model, d: int) -> list[int]:
+    arrays = np.load(model.version_dir / "hpo_graph.npz")
+    lo, hi = arrays["an_indptr"][d], arrays["an_indptr"][d + 1]
+    return [int(t) for t in arrays["an_indices"][lo:hi]]
+
+
+@pytest.mark.parametrize("code", ["OMIM:100800", "OMIM:154700", "OMIM:162200", "OMIM:312750"])
+def test_a_case_copied_from_the_annotations_ranks_its_disease_first(dx_model, code):
+    d = disease_index(dx_model, code)
+    s, _, _, _ = dx_model.scores(annotated_terms(dx_model, d))
+    assert int(np.argmax(s)) == d
+
+
+@pytest.mark.parametrize("code", ["OMIM:100800", "OMIM:154700", "OMIM:162200", "OMIM:312750"])
+def test_ancestor_terms_still_rank_it_in_the_top_10(dx_model, code):
+    d = disease_index(dx_model, code)
+    parents = []
+    for t in annotated_terms(dx_model, d):
+        anc = [a for a in dx_model.ranker.ancestors(t) if a != t and dx_model.ranker.phenotypic[a]]
+        if anc:  # the most specific proper ancestor: one step up
+            parents.append(int(max(anc, key=lambda a: dx_model.ranker.ic[a])))
+    s, _, _, _ = dx_model.scores(parents)
+    assert int((s > s[d]).sum()) < 10
+
+
+def test_one_disease_never_appears_twice(dx_model):
+    codes = [d["code"] for d in dx_model.diseases]
+    assert len(codes) == len(set(codes))
+    orpha_twins = {d["orpha"] for d in dx_model.diseases if d.get("orpha")}
+    assert orpha_twins and not orpha_twins & set(codes)  # an ORPHA twin is a second coding, not a row
+    out = dx_model.predict([CASE], top_k=10)[0]
+    assert len({p.code for p in out.predictions}) == len(out.predictions) == 10
+    assert [p.probability for p in out.predictions] == sorted((p.probability for p in out.predictions), reverse=True)
+    assert 0.0 < sum(p.probability for p in out.predictions) <= 1.0 + 1e-6
+
+
+def test_rationale_and_phenotypes_are_coded_terms_only(dx_model):
+    out = dx_model.predict([CASE], top_k=5)[0]
+    assert not out.abstained
+    labels = dict(zip(dx_model.recognizer.ids, dx_model.recognizer.labels))
+    for p in out.predictions:
+        for code, label in p.supporting + p.against:
+            assert HPO_CODE.match(code) and labels[code] == label
+    assert any(p.supporting for p in out.predictions)
+    statuses = {ph["code"]: ph["status"] for ph in out.phenotypes}
+    assert statuses["HP:0001433"] == "excluded"  # "There was no hepatosplenomegaly"
+    assert "HP:0000175" not in statuses  # the brother's cleft palate is not the patient's
+    assert set(statuses.values()) <= {"present", "excluded"}
+
+
+def test_ordinary_orders_abstain(dx_model):
+    outputs = dx_model.predict(ORDINARY, top_k=5)
+    assert all(o.abstained for o in outputs)
+    assert dx_model.predict(["CT head"], top_k=5)[0].abstained  # no phenotype at all
+
+
+def service_request() -> dict:
+    return {"resourceType": "ServiceRequest", "id": "sr-dx-1", "status": "active", "intent": "order",
+            "subject": {"reference": "Patient/p1"}, "note": [{"text": CASE}],
+            "code": {"text": "Exome sequencing"}}
+
+
+def test_writeback_observations_in_the_basis_validate_against_r4(dx_model):
+    sr = service_request()
+    out = dx_model.predict([dx_model.input_text(sr)], top_k=5)[0]
+    when = datetime(2026, 1, 2, tzinfo=UTC)
+    bundle = build_writeback_bundle(sr, None, out, recorded=when)
+    assert r4_schema_errors(bundle) == []
+    resources = [e["resource"] for e in bundle["entry"]]
+    observations = [r for r in resources if r["resourceType"] == "Observation"]
+    risk = next(r for r in resources if r["resourceType"] == "RiskAssessment")
+    assert len(observations) == len(out.phenotypes) >= 5
+    urls = {e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"}
+    assert {b["reference"] for b in risk["basis"][1:]} == urls and risk["basis"][0]["reference"] == "ServiceRequest/sr-dx-1"
+    by_code = {o["code"]["coding"][0]["code"]: o for o in observations}
+    neg = by_code["HP:0001433"]
+    assert neg["interpretation"][0]["coding"][0]["code"] == "NEG" and neg["valueBoolean"] is False
+    assert by_code["HP:0001252"]["interpretation"][0]["coding"][0]["code"] == "POS"
+    for o in observations:
+        assert o["code"]["coding"][0]["system"] == HPO_SYSTEM and o["meta"]["security"][0]["code"] == "AIAST"
+        assert o["basedOn"] == [{"reference": "ServiceRequest/sr-dx-1"}]
+        module = importlib.import_module("fhir.resources.R4B.observation")
+        module.Observation.model_validate(o)
+    first = risk["prediction"][0]
+    assert first["rationale"].startswith("Supporting features: HP:")
+    text = json.dumps(bundle)
+    assert "Zorblat" not in text and "brother" not in text  # codes and labels only, never note text
+    provenance = next(r for r in resources if r["resourceType"] == "Provenance")
+    assert len(provenance["target"]) == 1 + len(observations)
+    # idempotent: the same order and model give the same keys
+    again = build_writeback_bundle(sr, None, out, recorded=when)
+    assert [e["request"]["ifNoneExist"] for e in again["entry"]] == [e["request"]["ifNoneExist"] for e in bundle["entry"]]
+
+
+def test_abstention_writes_nothing(dx_model):
+    sr = {**service_request(), "note": [{"text": ORDINARY[0]}]}
+    out = dx_model.predict([dx_model.input_text(sr)], top_k=5)[0]
+    assert out.abstained
+    bundle = build_writeback_bundle(sr, None, out)
+    assert "entry" not in bundle
+
+
+def test_output_json_round_trip(dx_model):
+    from schemas.labels import ModelOutput
+
+    out = dx_model.predict([CASE], top_k=3)[0]
+    assert set(out.to_json()) == {"task", "model", "model_version", "abstained", "predictions"}  # DESIGN.md
+    line = json.loads(json.dumps(out.to_json(detail=True)))
+    assert line["predictions"][0]["rationale"]["supporting"]
+    assert ModelOutput.from_json(line, threshold=out.threshold) == out
+
+
+@pytest.mark.parametrize("text, age", [("We report a 4-year-old boy", 4.0), ("A newborn girl", 0.0),
+                                       ("This 6-month-old infant", 0.5), ("aged 45, female", 45.0), ("an adult", None)])
+def test_age_and_sex_from_the_text(text, age):
+    from models.diagnosis import text_age, text_sex
+
+    assert text_age(text) == age
+    assert text_sex("We report a 4-year-old boy. He had seizures.") == 1
+    assert text_sex("She had seizures; her mother too.") == 2
