@@ -22,7 +22,9 @@ logistic regression on generated cases, see ``training.phenotype.fit``):
 - excluded: sum over e in E annotated in d of log(1 - 0.9 f(d, e)) (an absent frequent feature);
 - contradiction: count of q that d explicitly excludes (NOT annotations);
 - annotation count (log; once, and once per named feature), a sex mismatch flag, a "too young" flag (the
-  patient's stated age is below half the disease's earliest annotated onset), and an ORPHA-only flag (a prior: OMIM diseases are what
+  patient's stated age is below half the disease's earliest annotated onset), an ORPHA-only flag, and two
+  inheritance flags: consanguineous parents but a disease not annotated autosomal recessive; an affected
+  parent but a disease annotated only autosomal recessive (a prior: OMIM diseases are what
   most case descriptions are about; ORPHA-only entries are often subtypes or groups).
 """
 
@@ -45,7 +47,8 @@ MIN_SHARED_IC = 1.0
 SIM_CACHE_TERMS = 256  # x 48 kB
 FILES = ("hpo_terms.json", "hpo_graph.npz", "diseases.json", "lexicon.json", "ranker.json")
 FEATURES = ("explained_ic", "log_frequency", "partial_ic", "resnik_mean", "excluded", "contradiction",
-            "log_annotations", "sex_mismatch", "orpha_only", "terms_x_log_annotations", "too_young")
+            "log_annotations", "sex_mismatch", "orpha_only", "terms_x_log_annotations", "too_young",
+            "consanguinity_not_recessive", "affected_parent_recessive_only")
 GATE_FEATURES = ("n_present", "n_specific", "sum_ic_specific", "max_ic", "top1_probability", "top10_probability",
                  "ordinary_share", "neoplasm_share")
 NEOPLASM = "HP:0002664"
@@ -54,6 +57,9 @@ NEOPLASM = "HP:0002664"
 ORDINARY_SUBTREES = (NEOPLASM, "HP:0012531")  # Neoplasm, Pain
 _AGE = re.compile(r"\b(\d{1,3})[- ](year|yr|month|mo|week|wk|day)s?[- ]old\b|\baged? (\d{1,3})\b|"
                   r"\b(newborn|neonate|neonatal period|infant)\b", re.IGNORECASE)
+_CONSANGUINITY = re.compile(r"\b(?<!non-)(?<!non)(?<!not )(consanguin\w*|first cousins|related parents)", re.IGNORECASE)
+_AFFECTED_PARENT = re.compile(r"\b(father|mother|parent)\b[^.;]*\b(similar|same|affected|also)\b|"
+                              r"\b(similar|same|affected)\b[^.;]*\b(father|mother)\b", re.IGNORECASE)
 _MALE = re.compile(r"\b(boy|male|man|he|his|him|son|brother|gentleman|mr)\b", re.IGNORECASE)
 _FEMALE = re.compile(r"\b(girl|female|woman|she|her|hers|daughter|sister|lady|mrs|ms)\b", re.IGNORECASE)
 
@@ -66,6 +72,11 @@ def text_sex(text: str) -> int:
     if f > 2 * m and f:
         return 2
     return 0
+
+
+def text_inheritance(text: str) -> tuple[bool, bool]:
+    """(consanguineous parents, an affected parent) as a case description states them."""
+    return bool(_CONSANGUINITY.search(text)), bool(_AFFECTED_PARENT.search(text))
 
 
 def text_age(text: str) -> float | None:
@@ -98,6 +109,9 @@ class Ranker:
         self.log_annotations = np.log1p(self.n_annotations).astype(np.float32)
         self.orpha_only = a["orpha_only"].astype(np.float32)
         self.onset_years = a["onset_years"].astype(np.float32)  # NaN: unknown (never "too young")
+        inh = a["inheritance"].astype(np.int16)
+        self.not_recessive = ((inh != 0) & ((inh & 2) == 0)).astype(np.float32)
+        self.recessive_only = (inh == 2).astype(np.float32)
         # excluded annotations as term -> diseases (CSC), for "the disease says NOT q"
         ex_indptr, ex_indices = a["ex_indptr"], a["ex_indices"]
         rows = np.repeat(np.arange(self.n_diseases, dtype=np.int32), np.diff(ex_indptr))
@@ -136,7 +150,8 @@ class Ranker:
         self._sim_cache[q] = sim
         return sim
 
-    def features(self, present: Sequence[int], excluded: Sequence[int] = (), sex: int = 0, age: float | None = None):
+    def features(self, present: Sequence[int], excluded: Sequence[int] = (), sex: int = 0, age: float | None = None,
+                 family: tuple[bool, bool] = (False, False)):
         """``[n_diseases, len(FEATURES)]`` and the per-term similarity arrays (for explanations)."""
         present = self.most_specific(present)
         excluded = [e for e in dict.fromkeys(excluded) if self.phenotypic[e] and e not in present]
@@ -169,6 +184,8 @@ class Ranker:
             # a generative view: each named feature is one draw among the disease's annotations
             len(present) * self.log_annotations,
             (age < 0.5 * self.onset_years).astype(np.float32) if age is not None else np.zeros(n, np.float32),
+            self.not_recessive if family[0] else np.zeros(n, np.float32),
+            self.recessive_only if family[1] else np.zeros(n, np.float32),
         ], axis=1)
         return X, per_term, present, excluded
 
@@ -231,8 +248,8 @@ class DiagnosisModel:
         return f"DiagnosisModel({self.name} {self.version}, {len(self.diseases)} diseases)"
 
     # -- inference -----------------------------------------------------------------------------
-    def scores(self, present, excluded=(), sex: int = 0, age: float | None = None):
-        X, per_term, present, excluded = self.ranker.features(present, excluded, sex, age)
+    def scores(self, present, excluded=(), sex: int = 0, age: float | None = None, family=(False, False)):
+        X, per_term, present, excluded = self.ranker.features(present, excluded, sex, age, family)
         return X @ self.weights, per_term, present, excluded
 
     def gate_vector(self, present: list[int], proba: np.ndarray | None) -> np.ndarray:
@@ -262,7 +279,8 @@ class DiagnosisModel:
         if not present:
             g = self.gate_vector([], None)
             return Analysis(mentions, [], excluded, None, [], g, False)
-        s, per_term, present, excluded = self.scores(present, excluded, text_sex(text), text_age(text))
+        s, per_term, present, excluded = self.scores(present, excluded, text_sex(text), text_age(text),
+                                                     text_inheritance(text))
         proba = softmax(s / self.temperature)
         g = self.gate_vector(present, proba)
         return Analysis(mentions, present, excluded, proba, per_term, g, self.accept(g))

@@ -57,6 +57,9 @@ def test_one_disease_never_appears_twice(dx_model):
     assert len(codes) == len(set(codes))
     orpha_twins = {d["orpha"] for d in dx_model.diseases if d.get("orpha")}
     assert orpha_twins and not orpha_twins & set(codes)  # an ORPHA twin is a second coding, not a row
+    by_code = {d["code"]: d for d in dx_model.diseases}
+    assert by_code["OMIM:154700"]["orpha"] == "ORPHA:558"  # Marfan syndrome: the same name
+    assert by_code["OMIM:300624"]["orpha"] == "ORPHA:908"  # Fragile X: other words, same disease
     out = dx_model.predict([CASE], top_k=10)[0]
     assert len({p.code for p in out.predictions}) == len(out.predictions) == 10
     assert [p.probability for p in out.predictions] == sorted((p.probability for p in out.predictions), reverse=True)
@@ -147,3 +150,11 @@ def test_age_and_sex_from_the_text(text, age):
     assert text_age(text) == age
     assert text_sex("We report a 4-year-old boy. He had seizures.") == 1
     assert text_sex("She had seizures; her mother too.") == 2
+
+
+def test_family_story_from_the_text():
+    from models.diagnosis import text_inheritance
+
+    assert text_inheritance("Born to consanguineous parents.") == (True, False)
+    assert text_inheritance("Parents are non-consanguineous. The mother noted hypotonia.") == (False, False)
+    assert text_inheritance("His father was similarly affected.") == (False, True)

@@ -51,7 +51,7 @@ class TorchEncoder:
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         rows = []
         for text in texts:
-            enc = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(text, truncation=True, max_length=min(self.max_length, 512), return_tensors="pt")
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -80,7 +80,7 @@ NEGATIONS = ("There was no {f}.", "No {f} was observed.", "{He} did not have {f}
 FAMILY = ("{His} {rel} had {f}.", "Family history was notable for {f} in {his} {rel}.",
           "{His} {rel} was diagnosed with {f}.")
 RELATIVES = ("mother", "father", "brother", "sister", "maternal uncle", "paternal grandmother", "cousin")
-ENDINGS = ("Parents are non-consanguineous.", "The parents are first cousins.", "Genetic testing is pending.",
+ENDINGS = ("Parents are non-consanguineous.", "Genetic testing is pending.",
            "Family history was unremarkable.", "", "", "Exome sequencing was requested.")
 
 
@@ -161,6 +161,22 @@ class CaseGenerator:
         text = self.render(named + noise, negs, fam, rec)
         return GeneratedCase(d, text, named + noise, negs, noise)
 
+    def _family_line(self, rec, his: str) -> str:
+        """A closing line whose family story follows the disease's inheritance, as real reports do:
+        consanguinity mostly for recessive diseases, an affected parent mostly for dominant ones."""
+        from training.phenotype.compile import AUTOSOMAL_DOMINANT, AUTOSOMAL_RECESSIVE
+
+        r = self.rng
+        recessive, dominant = AUTOSOMAL_RECESSIVE in rec.inheritance, AUTOSOMAL_DOMINANT in rec.inheritance
+        x = r.random()
+        if x < (0.35 if recessive else 0.04):
+            return r.choice(("The parents are first cousins.", "The parents are consanguineous."))
+        if x < (0.7 if dominant and not recessive else 0.06):
+            parent = r.choice(("father", "mother"))
+            return r.choice((f"{his.capitalize()} {parent} has similar features.",
+                             f"{his.capitalize()} {parent} was similarly affected."))
+        return r.choice(ENDINGS)
+
     def _age(self, rec) -> str:
         """An age at report no younger than the disease's earliest annotated onset."""
         from training.phenotype.compile import earliest_onset
@@ -199,7 +215,7 @@ class CaseGenerator:
         for t in fam:
             sents.append(r.choice(FAMILY).format(His=his.capitalize(), his=his, rel=r.choice(RELATIVES),
                                                  f=self.name(t)))
-        sents.append(r.choice(ENDINGS))
+        sents.append(self._family_line(rec, his))
         return " ".join(s for s in sents if s)
 
 

@@ -9,8 +9,9 @@ What is compiled
 - information content ``IC(t) = -log(n_t / N)`` with ``n_t`` the diseases annotated with ``t`` or a
   descendant (annotation propagation), ``N`` the diseases ranked; unannotated terms get the maximum;
 - diseases: OMIM first, then ORPHA diseases with no OMIM equivalent. The annotation file and the
-  ontology carry no OMIM<->ORPHA cross-reference, so equivalence is an exact match of the normalised
-  disease names (e.g. "Marfan syndrome"); the matched ORPHA code rides along as the second coding;
+  ontology carry no OMIM<->ORPHA cross-reference, so equivalence is found from the names: an exact match
+  of the normalised names ("Marfan syndrome"), else the same distinctive words with overlapping
+  annotations (:func:`_similar_twin`); the matched ORPHA code rides along as the second coding;
 - disease x term closure matrices: for every disease, every ancestor of its annotated terms with the
   highest annotated frequency below it (CSR and CSC), the excluded (NOT) terms, the sex where the
   annotations restrict it, and the annotation count.
@@ -153,12 +154,32 @@ class DiseaseRecord:
     excluded: set[int] = field(default_factory=set)
     sexes: set[str] = field(default_factory=set)
     onsets: set[int] = field(default_factory=set)
+    inheritance: set[str] = field(default_factory=set)  # HPO ids of the inheritance modes
     orpha: str | None = None
     orpha_name: str | None = None
 
 
 def _norm_name(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", name.lower()).strip()
+
+
+_GENERIC_NAME_WORDS = frozenset(["syndrome", "disease", "disorder", "type", "the", "of", "due", "to", "and", "with", "a", "an", "form"])
+
+
+def _similar_twin(rec: DiseaseRecord, omim_tokens: list[tuple[DiseaseRecord, set[str]]]) -> DiseaseRecord | None:
+    """The OMIM disease an ORPHA disease names with other words ("Hereditary fructose intolerance" =
+    "Fructose intolerance, hereditary"; "Fragile X syndrome" = "Fragile X mental retardation syndrome"):
+    every distinctive word of the ORPHA name (at least two) is in the OMIM name, the annotations overlap
+    (Jaccard >= 0.15) and clearly more than for any other such OMIM disease (1.5x)."""
+    core = set(_norm_name(rec.name).split()) - _GENERIC_NAME_WORDS
+    if len(core) < 2:
+        return None
+    mine = set(rec.features)
+    scored = sorted(((len(mine & set(x.features)) / max(1, len(mine | set(x.features))), i, x)
+                     for i, (x, words) in enumerate(omim_tokens) if core <= words and x.orpha is None), reverse=True)
+    if not scored or scored[0][0] < 0.15 or (len(scored) > 1 and scored[0][0] < 1.5 * scored[1][0]):
+        return None
+    return scored[0][2]
 
 
 def load_annotations(path: Path, onto: Ontology) -> tuple[list[DiseaseRecord], dict]:
@@ -183,6 +204,9 @@ def load_annotations(path: Path, onto: Ontology) -> tuple[list[DiseaseRecord], d
             if t is None:
                 unknown_terms += 1
                 continue
+            if aspect == "I":
+                rec.inheritance.add(onto.ids[t])
+                continue
             if aspect == "C":
                 rec.onsets.add(t)
                 continue
@@ -203,17 +227,37 @@ def load_annotations(path: Path, onto: Ontology) -> tuple[list[DiseaseRecord], d
     by_name: dict[str, list[DiseaseRecord]] = defaultdict(list)
     for r in omim:
         by_name[_norm_name(r.name)].append(r)
-    kept_orpha, merged = [], 0
+    unmatched, merged = [], 0
     for r in orpha:
         twins = by_name.get(_norm_name(r.name), [])
         if len(twins) == 1 and twins[0].orpha is None:
             twins[0].orpha, twins[0].orpha_name = r.code, r.name
             merged += 1
         else:
+            unmatched.append(r)
+    kept_orpha, similar = [], 0
+    omim_tokens = [(x, set(_norm_name(x.name).split())) for x in omim]
+    for r in unmatched:
+        twin = _similar_twin(r, omim_tokens)
+        if twin is None:
             kept_orpha.append(r)
+        else:
+            twin.orpha, twin.orpha_name = r.code, r.name
+            similar += 1
     stats = {"omim": len(omim), "orpha_only": len(kept_orpha), "orpha_merged_by_name": merged,
+             "orpha_merged_by_name_tokens_and_annotations": similar,
              "annotation_rows_with_unknown_terms": unknown_terms}
     return omim + kept_orpha, stats
+
+
+AUTOSOMAL_DOMINANT, AUTOSOMAL_RECESSIVE = "HP:0000006", "HP:0000007"
+X_LINKED = frozenset({"HP:0001417", "HP:0001419", "HP:0001423"})
+
+
+def inheritance_bits(modes: set[str]) -> int:
+    bits = (1 if AUTOSOMAL_DOMINANT in modes else 0) | (2 if AUTOSOMAL_RECESSIVE in modes else 0)
+    bits |= 4 if modes & X_LINKED else 0
+    return bits | (8 if modes - X_LINKED - {AUTOSOMAL_DOMINANT, AUTOSOMAL_RECESSIVE} else 0)
 
 
 def earliest_onset(rec: DiseaseRecord, onto: Ontology) -> float:
@@ -289,6 +333,8 @@ def compile_knowledge(ontology_path: Path = DEFAULT_ONTOLOGY, annotations_path: 
         "n_annotations": np.diff(an_indptr).astype(np.int32), "sex": sex,
         "orpha_only": np.array([r.source != "OMIM" for r in records], dtype=bool),
         "onset_years": np.array([earliest_onset(r, onto) for r in records], dtype=np.float32),
+        # inheritance bits: 1 autosomal dominant, 2 autosomal recessive, 4 X-linked, 8 other (mito, somatic...)
+        "inheritance": np.array([inheritance_bits(r.inheritance) for r in records], dtype=np.int8),
     }
     return {"ontology": onto, "arrays": arrays, "diseases": diseases, "stats": stats, "records": records}
 

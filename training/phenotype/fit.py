@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from models.diagnosis import FEATURES, GATE_FEATURES, DiagnosisModel, softmax, text_age, text_sex
+from models.diagnosis import (
+    FEATURES,
+    GATE_FEATURES,
+    DiagnosisModel,
+    softmax,
+    text_age,
+    text_inheritance,
+    text_sex,
+)
 from models.phenotypes import patient_terms
 
 RESNIK = FEATURES.index("resnik_mean")
@@ -43,7 +51,8 @@ def encode_cases(model: DiagnosisModel, cases, n_candidates: int = 150, progress
             out.append(Encoded(c.disease, np.zeros((0, len(FEATURES)), np.float32), [], excluded, c.present,
                                c.excluded, c.text))
             continue
-        X, _, present, excluded = model.ranker.features(present, excluded, text_sex(c.text), text_age(c.text))
+        X, _, present, excluded = model.ranker.features(present, excluded, text_sex(c.text), text_age(c.text),
+                                                       text_inheritance(c.text))
         cand = np.argpartition(-X[:, RESNIK], n_candidates)[:n_candidates]
         cand = np.concatenate([[c.disease], cand[cand != c.disease]])
         out.append(Encoded(c.disease, X[cand], present, excluded, c.present, c.excluded, c.text))
@@ -84,7 +93,7 @@ def fit_temperature(model: DiagnosisModel, texts_and_gold: list[tuple[str, int]]
         a = model.analyse(text)
         if a.probabilities is None:
             continue
-        s, _, _, _ = model.scores(a.present, a.excluded, text_sex(text), text_age(text))
+        s, _, _, _ = model.scores(a.present, a.excluded, text_sex(text), text_age(text), text_inheritance(text))
         scores.append((s.astype(np.float64), d))
     grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 60))
 
@@ -166,7 +175,8 @@ def evaluate(model: DiagnosisModel, cases, n_annotations: np.ndarray, progress: 
             row.update(model=10**6, resnik=10**6)
         else:
             row["model"] = rank_of(a.probabilities, c.disease)
-            X, _, _, _ = model.ranker.features(a.present, a.excluded, text_sex(c.text), text_age(c.text))
+            X, _, _, _ = model.ranker.features(a.present, a.excluded, text_sex(c.text), text_age(c.text),
+                                               text_inheritance(c.text))
             row["resnik"] = rank_of(X[:, RESNIK], c.disease)
         gold = model.ranker.most_specific(c.present)
         if gold:

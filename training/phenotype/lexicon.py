@@ -2,7 +2,8 @@
 and lay forms) -> normalised keys (:func:`models.phenotypes.lexicon_key`) -> term index.
 
 Priorities when two terms share a key: a curated entry, then a label, then an exact or layperson
-synonym, then a related one. Broad and narrow synonyms are left out (they name another concept).
+synonym, then a related one, then a broad one (clinicians often write the broader phrase: "aortic root
+dilatation" is a broad synonym of Aortic root aneurysm). Narrow synonyms are left out.
 Only Phenotypic abnormality terms enter the lexicon. ``holdout`` leaves a deterministic share of the
 synonyms out, so concept recognition can be measured on phrasings the lexicon never saw.
 """
@@ -38,7 +39,9 @@ CURATED: dict[str, str] = {
     "elevated creatine kinase": "HP:0003236", "learning difficulties": "HP:0001249", "fractures": "HP:0020110",
     "enlarged liver": "HP:0002240", "enlarged spleen": "HP:0001744", "large liver": "HP:0002240",
 }
-PRIORITY = {"curated": 0, "label": 1, "exact": 2, "layperson": 2, "related": 3}
+# single words that are synonyms of a finding but mostly mean something else in prose ("during sleep")
+BLOCKED_KEYS = frozenset({"sleep", "nap", "tired"})
+PRIORITY = {"curated": 0, "label": 1, "exact": 2, "layperson": 2, "related": 3, "broad": 4}
 
 
 def _held_out(term_id: str, text: str, holdout: float, seed: int) -> bool:
@@ -59,7 +62,7 @@ def build_lexicon(onto, phenotypic, *, holdout: float = 0.0, seed: int = 0) -> t
 
     def add(text: str, term: int, kind: str) -> None:
         key = lexicon_key(text)
-        if not key or (len(key) <= 2 and kind != "curated") or key.isdigit():
+        if not key or (len(key) <= 2 and kind != "curated") or key.isdigit() or key in BLOCKED_KEYS:
             return
         entry = (PRIORITY[kind], term)
         if key not in best or entry < best[key]:
@@ -70,7 +73,7 @@ def build_lexicon(onto, phenotypic, *, holdout: float = 0.0, seed: int = 0) -> t
             continue
         add(onto.labels[t], t, "label")
         for text, kind in onto.synonyms[t]:
-            if kind not in ("exact", "layperson", "related") or not _usable(text):
+            if kind not in PRIORITY or not _usable(text):
                 continue
             if text.isupper() and len(text) <= 5:
                 continue  # bare abbreviations are ambiguous (ASD); the curated table covers the safe ones

@@ -32,8 +32,10 @@ def render_report(metrics: dict, release: str, profile: dict, build_s: float) ->
     return f"""# Diagnosis model — evaluation report
 
 HPO release {release}; {cov['diseases']} diseases rankable ({cov['omim']} OMIM, {cov['orpha_only']} ORPHA-only;
-{cov['orpha_merged_by_name']} ORPHA diseases listed once as the second coding of their OMIM twin, matched by
-normalised name — the release carries no OMIM-ORPHA cross-reference). Build {build_s:.0f} s.
+{cov['orpha_merged_by_name'] + cov.get('orpha_merged_by_name_tokens_and_annotations', 0)} ORPHA diseases listed once
+as the second coding of their OMIM twin: {cov['orpha_merged_by_name']} by equal normalised names,
+{cov.get('orpha_merged_by_name_tokens_and_annotations', 0)} by the same distinctive name words and overlapping
+annotations — the release carries no OMIM-ORPHA cross-reference). Build {build_s:.0f} s.
 
 Evaluation: {profile['n_eval']} generated case descriptions of diseases drawn over all diseases ({profile['omim_share']:.0%} OMIM),
 features sampled by annotated frequency, about a third named by an ancestor term, unrelated findings and stated

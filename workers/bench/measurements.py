@@ -311,8 +311,15 @@ def model_sizes(registry: ModelRegistry) -> dict:
     int8 = fp32 = 0
     fp32_known = True
     losses = []
+    artefacts = 0
     for task in TASKS:
         m = registry.load_manifest(task)
+        folder = registry.current_dir(task)
+        if not (folder / "model.onnx").is_file():  # e.g. the diagnosis phenotype ranker: arrays, no int8 graph
+            n_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            out[task] = {"artefact_bytes": n_bytes, "kind": getattr(m, "kind", None)}
+            artefacts += n_bytes
+            continue
         size = (m.metrics or {}).get("size") or {}
         i8 = size.get("int8_bytes") or (registry.current_dir(task) / "model.onnx").stat().st_size
         f32 = size.get("fp32_bytes")
@@ -332,5 +339,6 @@ def model_sizes(registry: ModelRegistry) -> dict:
     out["fp32_mb"] = round(fp32 / 1e6, 1) if fp32_known else None
     out["int8_over_fp32"] = round(int8 / fp32, 4) if fp32_known and fp32 else None
     out["accuracy_loss_pt_max"] = max(losses) if losses else None
+    out["other_artefacts_mb"] = round(artefacts / 1e6, 1)  # models that are not int8 ONNX graphs
     return out
 
