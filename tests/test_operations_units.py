@@ -14,10 +14,9 @@ import pytest
 
 from connectors.dlq_replay import parse_since
 from models.registry import ModelNotFoundError, ModelRegistry
-from models.runtime import TextClassifier
 from workers import logs, metrics
 from workers.health import run_checks
-from workers.rollout import ModelHolder
+from workers.rollout import ModelHolder, load_model_folder
 
 NOTE = "Boy aged 2 years presenting with malalignment of upper and lower dental arches"
 
@@ -61,7 +60,7 @@ def test_rollback_after_an_out_of_band_change_goes_to_the_previous_version(regis
 
 
 def test_the_holder_switches_between_tasks_and_refuses_a_corrupt_version(registry):
-    holder = ModelHolder(registry, loader=lambda p: TextClassifier.load(p), check_interval_s=0)
+    holder = ModelHolder(registry, loader=load_model_folder, check_interval_s=0)
     reg = ModelRegistry(registry)
     old = reg.current_version("protocol")
     assert holder.models().protocol.version == old

@@ -51,33 +51,50 @@ class Settings(BaseSettings):
     # Fetch reasonReference/supportingInfo resources to enrich the model input.
     fhir_enrich_context: bool = True
 
-    # --- Security: transport, SMART Backend Services, task payloads (issue 8; see workers/clients.py) ---
-    # Kafka: every client (consumer, producer, admin) gets these via clients.kafka_client_config.
+    # Security: transport, SMART Backend Services, task payloads (issue 8; workers/clients.py, docs/security.md)
+
+    # Kafka security protocol for every client (consumer, producer, admin; clients.kafka_client_config).
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    # Kafka SASL mechanism (with SASL_PLAINTEXT or SASL_SSL).
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    # Kafka SASL user name.
     kafka_sasl_username: str | None = None
+    # Kafka SASL password (secret).
     kafka_sasl_password: SecretStr | None = None
+    # CA bundle that signed the Kafka brokers' certificates (SSL, SASL_SSL).
     kafka_ssl_cafile: Path | None = None
-    kafka_ssl_certfile: Path | None = None  # client certificate (mutual TLS)
+    # Kafka client certificate (mutual TLS).
+    kafka_ssl_certfile: Path | None = None
+    # Key of the Kafka client certificate.
     kafka_ssl_keyfile: Path | None = None
-    kafka_ssl_password: SecretStr | None = None  # of the key file
+    # Password of that key file (secret).
+    kafka_ssl_password: SecretStr | None = None
+    # Check that the broker's certificate names its host.
     kafka_ssl_check_hostname: bool = True
-    # Redis (Celery broker and results): rediss:// URLs use TLS with these; the password may also
-    # sit in the URL, but here it stays out of URLs that get logged.
+    # Redis password (secret); kept out of the URL so it never reaches a log line.
     redis_password: SecretStr | None = None
+    # Certificate check for rediss:// URLs (TLS).
     redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    # CA bundle that signed the Redis server's certificate.
     redis_ssl_ca_certs: Path | None = None
+    # Redis client certificate (mutual TLS).
     redis_ssl_certfile: Path | None = None
+    # Key of the Redis client certificate.
     redis_ssl_keyfile: Path | None = None
-    # A blackholed Redis must fail apply_async within seconds, not block it forever.
+    # Seconds a Redis call may block: a blackholed Redis fails apply_async quickly instead of for ever.
     redis_socket_timeout_s: float = Field(default=10.0, gt=0)
+    # Seconds to establish a Redis connection.
     redis_socket_connect_timeout_s: float = Field(default=5.0, gt=0)
-    # FHIR: SMART Backend Services (fhir_auth=smart_backend) and TLS.
-    fhir_private_key_path: Path | None = None  # PEM, RSA (RS384) or P-384 EC (ES384)
-    fhir_key_id: str | None = None  # the JWT "kid" of the registered public key
-    fhir_jku: str | None = None  # URL of the JWKS holding it, when the server fetches keys
-    fhir_algorithm: Literal["RS384", "ES384"] | None = None  # default: from the key
-    fhir_ca_file: Path | None = None  # CA bundle for a hospital's private PKI
+    # SMART Backend Services (fhir_auth=smart_backend): PEM private key, RSA (RS384) or P-384 EC (ES384).
+    fhir_private_key_path: Path | None = None
+    # The JWT "kid" of the registered public key.
+    fhir_key_id: str | None = None
+    # URL of the JWKS holding that key, when the server fetches keys (the JWT "jku").
+    fhir_jku: str | None = None
+    # Signing algorithm of the client assertion (default: from the key).
+    fhir_algorithm: Literal["RS384", "ES384"] | None = None
+    # CA bundle for a FHIR server behind a hospital's private PKI.
+    fhir_ca_file: Path | None = None
     # Credentials over http:// are refused except to this machine (127.0.0.1/localhost, the demo).
     fhir_allow_insecure_http: bool = False
     # Fernet key encrypting orders carried inline in events while they sit in Redis (workers/payload.py).
@@ -93,14 +110,18 @@ class Settings(BaseSettings):
     dlq_max_record_bytes: int = Field(default=1_000_000, ge=64 * 1024)
     # Orders (not events) queued or running at once per consumer: bounds the Redis queue.
     max_in_flight_orders: int = Field(default=64, ge=1, le=10_000)
+    # First wait before an event is tried again; it doubles with each failure.
     retry_backoff_s: float = Field(default=2.0, gt=0)
+    # The longest wait between two attempts of an event.
     retry_backoff_max_s: float = Field(default=60.0, gt=0)
     # Retry-After is honoured up to this long (the partition is paused meanwhile, not re-sent).
     retry_after_max_s: float = Field(default=300.0, gt=0)
     # Celery limits per order: the soft one reports a timeout (spends the budget), the hard one
     # kills the child. The broker re-delivers an unacknowledged order after the visibility timeout.
     task_soft_time_limit_s: float = Field(default=60.0, gt=0)
+    # Seconds after which Celery kills the child running an order (and replaces it).
     task_hard_time_limit_s: float = Field(default=90.0, gt=0)
+    # Seconds before Redis hands an unacknowledged order to another worker (at least the hard limit + 30).
     broker_visibility_timeout_s: int = Field(default=300, ge=10)
 
     # Models
