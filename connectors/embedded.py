@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 _live: set[ManagedProcess] = set()
 _live_lock = threading.Lock()
@@ -225,9 +226,12 @@ def sekmet_command() -> list[str]:
     raise ServiceStartError("the embedded FHIR server needs the sekmet-fhir package: pip install sekmet-fhir")
 
 
-def start_sekmet(port: int, workdir: Path | str, *, timeout: float = 60.0) -> ManagedProcess:
+def start_sekmet(
+    port: int, workdir: Path | str, *, timeout: float = 60.0, extra_settings: dict[str, Any] | None = None
+) -> ManagedProcess:
     """``sekmet serve`` on 127.0.0.1:``port``, base URL ``http://127.0.0.1:{port}/fhir``, its SQLite
-    data under ``workdir/data`` (an empty server unless that folder holds a previous run's data)."""
+    data under ``workdir/data`` (an empty server unless that folder holds a previous run's data).
+    ``extra_settings``: more top-level sekmet settings, e.g. ``server_auth`` (tests of SMART auth)."""
     import httpx
 
     workdir = Path(workdir)
@@ -238,8 +242,9 @@ def start_sekmet(port: int, workdir: Path | str, *, timeout: float = 60.0) -> Ma
         "port": port,
         "base_url": base_url,
         "data_dir": str(workdir / "data"),
+        **(extra_settings or {}),
     }
-    # JSON scalars are valid YAML; no YAML library needed to write them safely quoted.
+    # JSON is valid YAML (flow style); no YAML library needed to write values safely quoted.
     lines = [f"{key}: {json.dumps(value)}" for key, value in settings.items()]
     lines += ["simulator:", "  enabled: false"]
     config = workdir / "settings.yaml"

@@ -3,110 +3,67 @@
 Synchronous on purpose: the Celery task that uses it is synchronous, and one client (one
 connection pool) lives per worker process.
 
-Error model (what the worker does with each):
+Error model (what the worker does with each; details in :mod:`connectors.fhir_errors`):
 
 - ``FhirTransientError``: 429, 5xx, 409, timeouts and connection errors, after this client's own
-  quick retries are exhausted. The caller retries later (Celery backoff), honouring ``retry_after``.
-- ``FhirPermanentError``: any other 4xx (validation, not found, forbidden...). Retrying cannot
-  help; the event goes to the dead-letter topic with ``operation_outcome``.
+  quick retries are exhausted. The caller retries later, honouring ``retry_after``.
+- ``FhirPermanentError``: any other 4xx caused by the event (validation, order not found...).
+  Retrying cannot help; the event goes to the dead-letter topic with ``operation_outcome``.
+- ``FhirConfigurationError``: the deployment's problem (token refused, 401/403 after one token
+  refresh, a base URL that is no FHIR server, 408, 412): pause and retry, never dead-letter.
 
-Nothing here logs or formats a request or response body: bodies hold patient data. Error messages
-carry the HTTP status and the OperationOutcome's issue codes and diagnostics (server text about
-structure) only.
+Nothing here logs or formats a request or response body: bodies hold patient data. Errors carry
+the HTTP status and the OperationOutcome reduced to issue codes and element paths only.
 """
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import random
 import re
-import threading
+import ssl
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from connectors.fhir_auth import AuthKind, FhirAuth, TokenCache, check_transport
+from connectors.fhir_errors import (
+    FhirConfigurationError,
+    FhirError,
+    FhirPermanentError,
+    FhirTransientError,
+    outcome_summary,
+    parse_retry_after,
+)
+from schemas.outcomes import outcome_codes
+
+__all__ = [
+    "AuthKind",
+    "FhirAuth",
+    "FhirClient",
+    "FhirConfigurationError",
+    "FhirError",
+    "FhirPermanentError",
+    "FhirTransientError",
+    "entry_status",
+    "outcome_summary",
+    "parse_retry_after",
+]
+
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
-AuthKind = Literal["none", "basic", "bearer", "client_credentials"]
 Params = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
-# Refresh an OAuth2 token this long before the server says it expires, so a request never
-# leaves with a token that dies in flight.
-_TOKEN_EXPIRY_SKEW_S = 30.0
-_DEFAULT_TOKEN_LIFETIME_S = 300.0
 # A Retry-After longer than this is not slept through inside a request: the error is raised at
-# once with ``retry_after`` so the caller (a Celery retry with countdown) waits without holding
-# a worker process.
+# once with ``retry_after`` so the caller waits without holding a worker process.
 _MAX_INLINE_RETRY_AFTER_S = 30.0
+# After GET metadata proved the base URL right, a 404 is taken as "not found" this long.
+_BASE_URL_CHECK_TTL_S = 300.0
 _REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?$")
-
-
-class FhirError(Exception):
-    """Base class of the errors this client raises."""
-
-
-class FhirTransientError(FhirError):
-    """A failure worth retrying later: 429, 5xx, 409, a timeout or a connection error."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        retry_after: float | None = None,
-        operation_outcome: dict | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-        self.operation_outcome = operation_outcome
-
-
-class FhirPermanentError(FhirError):
-    """The server refused the request for a reason a retry cannot fix (4xx other than 409/429)."""
-
-    def __init__(
-        self,
-        status: int,
-        operation_outcome: dict | None = None,
-        *,
-        operation: str = "request",
-        detail: str = "",
-    ) -> None:
-        self.status = status
-        self.operation_outcome = operation_outcome
-        self.operation = operation
-        self.detail = detail
-        super().__init__(status, operation_outcome)
-
-    def __str__(self) -> str:
-        text = f"{self.operation} failed with HTTP {self.status}"
-        if self.detail:
-            text += f": {self.detail}"
-        issues = outcome_summary(self.operation_outcome)
-        return f"{text}: {issues}" if issues else text
-
-
-def outcome_summary(outcome: dict | None, *, max_issues: int = 5, max_chars: int = 300) -> str:
-    """``"[structure] Field required (Observation.code); ..."`` from an OperationOutcome."""
-    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
-        return ""
-    parts = []
-    issues = [i for i in outcome.get("issue") or [] if isinstance(i, dict)]
-    for issue in issues[:max_issues]:
-        code = issue.get("code") or "unknown"
-        diag = str(issue.get("diagnostics") or (issue.get("details") or {}).get("text") or "")
-        parts.append(f"[{code}] {diag[:max_chars]}".rstrip())
-    if len(issues) > max_issues:
-        parts.append(f"(+{len(issues) - max_issues} more issues)")
-    return "; ".join(parts)
 
 
 def entry_status(entry: Mapping[str, Any]) -> int:
@@ -116,125 +73,6 @@ def entry_status(entry: Mapping[str, Any]) -> int:
     if not match:
         raise ValueError(f"bundle entry response has no HTTP status code (got {status!r})")
     return int(match.group(1))
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait per a ``Retry-After`` header (delta-seconds or HTTP date); None if absent/garbled."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
-
-
-@dataclass(frozen=True)
-class FhirAuth:
-    """How to authenticate to the FHIR server. Secrets are kept out of ``repr``.
-
-    - ``none``; ``basic`` (username, password); ``bearer`` (token, a static access token);
-    - ``client_credentials``: OAuth2 client credentials with a client secret (token_url, client_id,
-      client_secret, optional scope); the client id and secret go in HTTP Basic
-      (``client_secret_basic``) unless ``client_auth="post"`` puts them in the form body.
-    """
-
-    kind: AuthKind = "none"
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    token_url: str | None = None
-    client_id: str | None = None
-    client_secret: str | None = field(default=None, repr=False)
-    scope: str | None = None
-    client_auth: Literal["basic", "post"] = "basic"
-
-    def __post_init__(self) -> None:
-        required: dict[str, tuple[str, ...]] = {
-            "none": (),
-            "basic": ("username", "password"),
-            "bearer": ("token",),
-            "client_credentials": ("token_url", "client_id", "client_secret"),
-        }
-        if self.kind not in required:
-            raise ValueError(f"unknown FHIR auth kind {self.kind!r}; use one of {', '.join(required)}")
-        missing = [name for name in required[self.kind] if not getattr(self, name)]
-        if missing:
-            env = ", ".join(f"EHRW_FHIR_{m.upper()}" for m in missing)
-            raise ValueError(f"FHIR auth {self.kind!r} needs {', '.join(missing)} (set {env})")
-
-
-class _TokenCache:
-    """OAuth2 client-credentials access token, fetched lazily and reused until shortly before expiry."""
-
-    def __init__(self, auth: FhirAuth) -> None:
-        self._auth = auth
-        self._token: str | None = None
-        self._expires_at = 0.0
-        self._lock = threading.Lock()
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._token = None
-
-    def get(self, http: httpx.Client) -> str:
-        with self._lock:
-            if self._token is None or time.monotonic() >= self._expires_at:
-                self._token, lifetime = self._fetch(http)
-                self._expires_at = time.monotonic() + max(0.0, lifetime - _TOKEN_EXPIRY_SKEW_S)
-            return self._token
-
-    def _fetch(self, http: httpx.Client) -> tuple[str, float]:
-        a = self._auth
-        assert a.token_url and a.client_id and a.client_secret
-        form = {"grant_type": "client_credentials"}
-        if a.scope:
-            form["scope"] = a.scope
-        basic: httpx.BasicAuth | None = None
-        if a.client_auth == "post":
-            form.update(client_id=a.client_id, client_secret=a.client_secret)
-        else:
-            basic = httpx.BasicAuth(a.client_id, a.client_secret)
-        try:
-            resp = http.post(a.token_url, data=form, auth=basic, headers={"Accept": "application/json"})
-        except httpx.TransportError as exc:
-            raise FhirTransientError(f"token request to {a.token_url} failed: {type(exc).__name__}") from exc
-        if resp.status_code == 429 or resp.status_code >= 500:
-            raise FhirTransientError(
-                f"token endpoint {a.token_url} answered {resp.status_code}",
-                status=resp.status_code,
-                retry_after=parse_retry_after(resp.headers.get("Retry-After")),
-            )
-        if resp.status_code != 200:
-            # RFC 6749 error codes ("invalid_client") are safe to show; the body is not echoed.
-            try:
-                err = str(resp.json().get("error", ""))[:100]
-            except ValueError:
-                err = ""
-            raise FhirPermanentError(
-                resp.status_code,
-                operation="OAuth2 token request",
-                detail=f"{err or 'rejected'}; check EHRW_FHIR_CLIENT_ID, EHRW_FHIR_CLIENT_SECRET "
-                "and EHRW_FHIR_TOKEN_URL",
-            )
-        try:
-            body = resp.json()
-            token = str(body["access_token"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FhirPermanentError(
-                resp.status_code, operation="OAuth2 token request", detail="response has no access_token"
-            ) from exc
-        try:
-            lifetime = float(body.get("expires_in", _DEFAULT_TOKEN_LIFETIME_S))
-        except (TypeError, ValueError):
-            lifetime = _DEFAULT_TOKEN_LIFETIME_S
-        log.debug("obtained OAuth2 access token (expires in %.0fs)", lifetime)
-        return token, lifetime
 
 
 class FhirClient:
@@ -259,6 +97,8 @@ class FhirClient:
         max_pages: int = 50,
         transport: httpx.BaseTransport | None = None,
         user_agent: str = "ehr-worker",
+        allow_insecure_http: bool = False,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"FHIR base URL must start with http:// or https:// (got {base_url!r})")
@@ -266,16 +106,21 @@ class FhirClient:
             raise ValueError("max_retries must be >= 0")
         self.base_url = base_url.rstrip("/")
         self.auth = auth or FhirAuth()
+        check_transport(self.base_url, self.auth, allow_insecure_http=allow_insecure_http)
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_pages = max_pages
         self._base = urlsplit(self.base_url)
-        self._tokens = _TokenCache(self.auth) if self.auth.kind == "client_credentials" else None
+        self._tokens: TokenCache | None = None
+        if self.auth.kind in ("client_credentials", "smart_backend"):
+            self._tokens = TokenCache(self.auth, self.base_url, allow_insecure_http=allow_insecure_http)
+        self._base_checked_until = 0.0
         self._http = httpx.Client(
             timeout=timeout,
             transport=transport,
+            verify=verify,
             headers={"Accept": FHIR_JSON, "User-Agent": user_agent},
             auth=httpx.BasicAuth(self.auth.username or "", self.auth.password or "")
             if self.auth.kind == "basic"
@@ -318,7 +163,12 @@ class FhirClient:
         """
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
             raise ValueError("transaction() needs a Bundle of type 'transaction' or 'batch'")
-        result = self._request("POST", "", json=bundle, operation=f"{bundle['type']} Bundle")
+        # Entries with ifMatch make 412 this Bundle's own precondition failing (a resource changed
+        # since it was read), which the caller rebuilds from a fresh read; not a deployment problem.
+        if_match = any(isinstance(e, dict) and (e.get("request") or {}).get("ifMatch") for e in bundle.get("entry") or [])
+        result = self._request(
+            "POST", "", json=bundle, operation=f"{bundle['type']} Bundle", own_preconditions=if_match
+        )
         expected = f"{bundle['type']}-response"
         if result.get("resourceType") != "Bundle" or result.get("type") != expected:
             raise FhirPermanentError(
@@ -454,6 +304,50 @@ class FhirClient:
             delay = cap / 2 + random.uniform(0, cap / 2)
         time.sleep(delay)
 
+    def _deployment_problem(
+        self, status: int, operation: str, outcome: dict | None, *, own_preconditions: bool
+    ) -> FhirConfigurationError | None:
+        """The error to raise when an answer says the deployment is wrong rather than the event.
+        ``own_preconditions``: the request carried If-Match (header or transaction entries), so a
+        412 means "changed since read", the caller's to handle."""
+        issues = outcome_summary(outcome)
+        said = f"{operation} failed with HTTP {status}" + (f": {issues}" if issues else "")
+        if status in (401, 403):
+            variable = "EHRW_FHIR_AUTH and its credentials" + (" and EHRW_FHIR_SCOPE" if self._tokens else "")
+            refreshed = " after a fresh token" if self._tokens else ""
+            return FhirConfigurationError(f"{said}{refreshed}", status, variable, None, outcome)
+        if status == 404 and not self._base_url_answers():
+            return FhirConfigurationError(
+                f"{said}, and GET {self.base_url}/metadata gives no CapabilityStatement: not a FHIR base URL",
+                status, "EHRW_FHIR_BASE_URL", None, outcome,
+            )  # fmt: skip
+        if status == 408:
+            return FhirConfigurationError(
+                f"{said}: the server or a proxy timed the request out", status,
+                "the network path to EHRW_FHIR_BASE_URL (proxy timeouts) and EHRW_FHIR_TIMEOUT_S", None, outcome,
+            )  # fmt: skip
+        if status == 412 and not own_preconditions:
+            # Conditional creates (ifNoneExist) matched several resources: duplicates on the server.
+            return FhirConfigurationError(
+                f"{said}: a conditional request matched several resources on the server", status,
+                "the server's duplicate suggestion resources (EHRW_FHIR_BASE_URL names the server)", None, outcome,
+            )  # fmt: skip
+        return None
+
+    def _base_url_answers(self) -> bool:
+        """True when ``GET [base]/metadata`` returns a CapabilityStatement (cached for a while), so
+        that a 404 is "this resource does not exist" rather than "this is no FHIR server"."""
+        if time.monotonic() < self._base_checked_until:
+            return True
+        try:
+            resp = self._http.get(f"{self.base_url}/metadata", headers=self._auth_headers())
+            ok = resp.status_code == 200 and resp.json().get("resourceType") == "CapabilityStatement"
+        except (httpx.HTTPError, ValueError, AttributeError, FhirError):
+            return True  # cannot tell: keep the answer the server gave
+        if ok:
+            self._base_checked_until = time.monotonic() + _BASE_URL_CHECK_TTL_S
+        return ok
+
     def _request(
         self,
         method: str,
@@ -464,6 +358,7 @@ class FhirClient:
         params: Params | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool = True,
+        own_preconditions: bool = False,
     ) -> dict:
         url = self._url(path)
         log_path = urlsplit(url).path  # never the query: search parameters may name a patient
@@ -486,6 +381,11 @@ class FhirClient:
                 # A request that may have reached the server is only retried when repeating it is harmless.
                 retryable = idempotent or isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
             except httpx.TransportError as exc:
+                if _certificate_rejected(exc):  # waiting will not make the certificate trusted
+                    raise FhirConfigurationError(
+                        f"{operation}: the TLS certificate of {self._base.netloc} is not trusted",
+                        None, "EHRW_FHIR_CA_FILE (the CA bundle of the hospital's PKI) and EHRW_FHIR_BASE_URL",
+                    ) from None
                 failure = FhirTransientError(
                     f"{operation}: {type(exc).__name__} talking to {self._base.netloc}"
                 )
@@ -497,15 +397,19 @@ class FhirClient:
                 if 200 <= status < 300:
                     return _json_body(resp, operation)
                 outcome = _operation_outcome(resp)
-                if status == 401 and self._tokens is not None and not refreshed_token:
-                    # The cached token was revoked or expired early: fetch a new one, once.
-                    log.info("%s %s: 401, refreshing the OAuth2 token", method, log_path)
+                if status in (401, 403) and self._tokens is not None and not refreshed_token:
+                    # The cached token was revoked, expired early or lacks a scope: fetch a new one, once.
+                    log.info("%s %s: %d, refreshing the OAuth2 token", method, log_path, status)
                     self._tokens.invalidate()
                     refreshed_token = True
                     continue
+                deployment = self._deployment_problem(
+                    status, operation, outcome, own_preconditions=own_preconditions or "If-Match" in (headers or {})
+                )
+                if deployment is not None:
+                    raise deployment
                 if status not in (409, 429) and status < 500:
-                    hint = "check EHRW_FHIR_AUTH and its credentials/scopes" if status in (401, 403) else ""
-                    raise FhirPermanentError(status, outcome, operation=operation, detail=hint)
+                    raise FhirPermanentError(status, outcome, operation=operation)
                 # 409 is a concurrent-version conflict (two workers' conditional creates racing):
                 # a retry finds the winner's resource.
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -527,6 +431,15 @@ class FhirClient:
             )  # fmt: skip
             self._sleep_before_retry(attempt, failure.retry_after)
             attempt += 1
+
+
+def _certificate_rejected(exc: BaseException) -> bool:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _check_type(resource_type: object) -> str:
@@ -571,6 +484,4 @@ def _operation_outcome(resp: httpx.Response) -> dict | None:
         body = resp.json()
     except ValueError:
         return None
-    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-        return body
-    return None
+    return outcome_codes(body)  # codes and element paths only: diagnostics may quote patient data

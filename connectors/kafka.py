@@ -6,35 +6,67 @@ Delivery contract (DESIGN.md, "at-least-once in, exactly-once effect out"):
   reported ``done`` (suggestions written) and the result events are acknowledged by Kafka, or the
   record is acknowledged on the dead-letter topic. A crash anywhere re-delivers the uncommitted
   records; the idempotent write-back makes the replay harmless.
+- Every record ends on the dead-letter topic or done, whatever its bytes, headers or size: a
+  record above ``max_event_bytes`` is rejected by size before parsing (``event_too_large``); a
+  parser bug is a rejection (``parse_error``); null header values, a keyless tombstone and
+  oversized originals are made sendable by :mod:`connectors.dlq` (a truncated copy with the
+  original's size and sha256), and a copy the broker still refuses is sent as a minimal one. No
+  send error crashes the consumer.
 - A ``retry`` outcome (or a publish that Kafka did not acknowledge) stops the commit of its
-  partition just before that record; the consumer seeks back to it, sleeps a growing backoff and
-  polls again. Records after it in the same partition are re-processed too, so per-order ordering
-  (key = ServiceRequest id) holds. (Not ``pause()``/``resume()``: kafka-python 3.0.12 never
-  re-fetches a partition whose prefetched records were parked while it was paused.)
+  partition just before that record; the consumer seeks back to it. Records after it in the same
+  partition are re-processed too, so per-order ordering (key = ServiceRequest id) holds.
+- One owner of retrying, one budget (:mod:`connectors.retry`): failures of the event itself count
+  against a per-event attempt budget kept outside this process (Redis, by group/topic/partition/
+  offset); after ``max_attempts`` the event is dead-lettered with ``attempts_exhausted`` and the
+  last error's code and type. Unavailable dependencies wait (honouring Retry-After); a broken
+  deployment (credentials, base URL) pauses consumption and reports unhealthy, never dead-letters.
+- Waiting never costs group membership: while the dispatcher works and while backing off, every
+  assigned partition is paused and the consumer keeps polling (a paused poll returns nothing but
+  counts as liveness for ``max_poll_interval_ms``); afterwards each partition is sought to the
+  exact next offset and resumed. (kafka-python 3.0.12 parks records prefetched for a paused
+  partition; the explicit seek discards them.)
 - Backpressure: at most ``max_in_flight`` records are handed out per poll, and the next poll
   happens only when the batch's outcomes are known, so a slow FHIR server slows consumption
-  instead of growing memory (the fetch buffer is also bounded, see ``_FETCH_MAX_BYTES``).
+  instead of growing memory (the fetch buffer is also bounded, see ``_FETCH_MAX_BYTES``). The
+  dispatcher bounds orders in flight (a Bundle is many orders).
 
 Nothing here logs a message value or key content beyond ids: values are clinical orders (PHI).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 
-from schemas.events import EventRejected, ParsedEvent, parse_event
+from connectors.dlq import (  # noqa: F401 - the header names are part of this module's surface
+    H_DETAILS,
+    H_REASON,
+    H_REASON_CODE,
+    H_REJECTED_AT,
+    H_SOURCE_OFFSET,
+    H_SOURCE_PARTITION,
+    H_SOURCE_TOPIC,
+)
+from connectors.outcomes import (
+    FINAL_RESULT_STATUSES,
+    ConsumerStats,
+    EventOutcome,
+    Incoming,
+    OutcomePublisher,
+    Slot,
+    tp_name,
+)
+from connectors.paused import PausedPolling
+from connectors.retry import AttemptLedger, Backoff, Health, MemoryAttempts, attempt_key
+from schemas.events import EventRejected, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +74,8 @@ log = logging.getLogger(__name__)
 _FETCH_MAX_BYTES = 8 * 1024 * 1024
 # Producer sends that Kafka has not acknowledged within this time fail, so flush() is bounded.
 _DELIVERY_TIMEOUT_MS = 30_000
-
-H_REASON_CODE = "ehrw-reason-code"
-H_REASON = "ehrw-reason"
-H_DETAILS = "ehrw-details"
-H_SOURCE_TOPIC = "ehrw-source-topic"
-H_SOURCE_PARTITION = "ehrw-source-partition"
-H_SOURCE_OFFSET = "ehrw-source-offset"
-H_REJECTED_AT = "ehrw-rejected-at"
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+DEFAULT_DLQ_MAX_BYTES = 1_000_000
 
 Dispatch = Callable[[list["Incoming"]], list["EventOutcome"]]
 
@@ -105,79 +131,6 @@ def ensure_topics(
         admin.close()
 
 
-@dataclass
-class Incoming:
-    """A valid event, as handed to the dispatcher."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    event: ParsedEvent
-
-
-@dataclass
-class EventOutcome:
-    """What the dispatcher made of one :class:`Incoming`.
-
-    ``done``: every order reached a final state; ``results`` (one JSON-able dict per order, with an
-    ``"order"`` id used as the message key) go to the result topic. ``dead_letter``: the event goes
-    to the dead-letter topic with ``reason_code``/``reason``/``details`` (e.g. the OperationOutcome);
-    its ``results``, if any, are published too. ``retry``: not durable yet; the event comes back.
-    """
-
-    status: Literal["done", "dead_letter", "retry"]
-    results: list[dict] = field(default_factory=list)
-    reason_code: str | None = None
-    reason: str | None = None
-    details: dict | None = None
-
-
-@dataclass
-class ConsumerStats:
-    """Counters of one :meth:`EventConsumer.run` (records are Kafka messages, results are per order)."""
-
-    consumed: int = 0  # records polled (a record polled again after a retry counts again)
-    dispatched: int = 0  # records handed to the dispatcher
-    rejected: int = 0  # records that failed parsing/validation (a subset of dead_lettered)
-    dead_lettered: int = 0  # records acknowledged on the dead-letter topic
-    skipped: int = 0  # non-actionable orders (result events with status "skipped")
-    written: int = 0  # result events published for orders the dispatcher finished
-    retried: int = 0  # records sent back for another attempt (seek back)
-    committed: int = 0  # records whose offsets were committed
-    commit_failures: int = 0  # commits refused, e.g. after a rebalance (the records come back)
-    batches: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-class _FailedSend:
-    """Stands in for the future of a send that raised before it was queued."""
-
-    is_done = True
-
-    def succeeded(self) -> bool:
-        return False
-
-
-@dataclass
-class _Slot:
-    """One polled record and what became of it within the batch."""
-
-    record: ConsumerRecord
-    tp: TopicPartition
-    incoming: Incoming | None = None
-    status: Literal["done", "dead_letter", "retry"] | None = None
-    reason_code: str | None = None
-    reason: str | None = None
-    details: dict | None = None
-    results: list[dict] = field(default_factory=list)
-    rejected: bool = False
-    futures: list[Any] = field(default_factory=list)
-
-
 class _Rebalance(ConsumerRebalanceListener):
     """Logs assignment changes. Nothing to flush: each batch is published and committed before the
     next poll, and a commit refused after a rebalance only means its records are read again."""
@@ -208,13 +161,21 @@ class EventConsumer:
         session_timeout_ms: int = 6_000,
         retry_backoff_s: float = 2.0,
         retry_backoff_max_s: float = 30.0,
+        retry_after_max_s: float = 300.0,
+        max_attempts: int = 5,
+        attempts: AttemptLedger | None = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        dlq_max_bytes: int = DEFAULT_DLQ_MAX_BYTES,
         client_id: str = "ehr-worker",
         stats: ConsumerStats | None = None,
         client_config: Mapping[str, Any] | None = None,
     ) -> None:
-        """``client_config``: extra kafka-python settings for both consumer and producer (SASL/TLS)."""
+        """``client_config``: extra kafka-python settings for both consumer and producer (SASL/TLS).
+        ``attempts``: where attempt counts live (default: memory; production: Redis)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
         self.bootstrap = bootstrap
         self.topic = topic
         self.group = group
@@ -224,14 +185,22 @@ class EventConsumer:
         self.poll_timeout_s = poll_timeout_s
         self.max_poll_interval_ms = max_poll_interval_ms
         self.session_timeout_ms = session_timeout_ms
-        self.retry_backoff_s = retry_backoff_s
-        self.retry_backoff_max_s = retry_backoff_max_s
+        self.retry_after_max_s = retry_after_max_s
+        self.max_attempts = max_attempts
+        self.attempts = attempts if attempts is not None else MemoryAttempts()
+        self.max_event_bytes = max_event_bytes
+        self.dlq_max_bytes = dlq_max_bytes
         self.client_id = client_id
         self.stats = stats or ConsumerStats()
         self.client_config = dict(client_config or {})
-        self._retry_delay_s = retry_backoff_s
+        self.health = Health()
+        self._backoff = Backoff(retry_backoff_s, retry_backoff_max_s)
         self._finished = 0
         self._stop = threading.Event()
+        self._paused = PausedPolling(self._stop)
+        self._publisher = OutcomePublisher(
+            self.stats, dlq_topic=dlq_topic, result_topic=result_topic, dlq_max_bytes=dlq_max_bytes
+        )
 
     # -- run loop --------------------------------------------------------------------------------
 
@@ -246,14 +215,20 @@ class EventConsumer:
         """Consume until ``stop`` is set, ``max_events`` records have a durable outcome (dead-lettered
         or done; retries do not count), or nothing has arrived for ``idle_timeout_s``."""
         stop = stop or threading.Event()
-        producer = make_producer(self.bootstrap, client_id=f"{self.client_id}-out", **self.client_config)
+        producer = make_producer(
+            self.bootstrap,
+            client_id=f"{self.client_id}-out",
+            max_request_size=max(self.dlq_max_bytes, 1024 * 1024) + 64 * 1024,
+            **self.client_config,
+        )
         try:
             consumer = self._make_consumer()
         except BaseException:
             producer.close(timeout=5)
             raise
         self._stop = stop
-        self._retry_delay_s = self.retry_backoff_s
+        self._paused.stop = stop
+        self._backoff.reset()
         self._finished = 0
         last_record = time.monotonic()
         try:
@@ -289,6 +264,7 @@ class EventConsumer:
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=max(100, self.session_timeout_ms // 3),
             fetch_max_bytes=_FETCH_MAX_BYTES,
+            max_partition_fetch_bytes=max(self.max_event_bytes, 1024 * 1024) + 64 * 1024,
             **self.client_config,
         )
         consumer.subscribe([self.topic], listener=_Rebalance())
@@ -306,34 +282,50 @@ class EventConsumer:
         self.stats.batches += 1
         self.stats.consumed += len(records)
         slots = [self._parse(r) for r in records]
-        self._dispatch(dispatch, [s for s in slots if s.incoming is not None and s.status is None])
+        # Paused while the batch is worked on, so the keepalive polls return nothing; each
+        # partition is sought to its exact next offset on the way out (_resume).
+        resume_at = self._paused.pause_all(consumer)
+        next_offsets: dict[TopicPartition, int] = {}
+        try:
+            dispatched = [s for s in slots if s.incoming is not None and s.status is None]
+            self._dispatch(consumer, dispatch, dispatched, resume_at)
+            self._spend_budget(slots, dispatched)
+            next_offsets = self._publish_and_commit(consumer, producer, slots, dispatch)
+            self._wait_before_retry(
+                consumer, [s for s in slots if s.status == "retry"], dispatched, resume_at
+            )
+        finally:
+            self._paused.resume(consumer, {**resume_at, **next_offsets})
 
-        by_tp: dict[TopicPartition, list[_Slot]] = {}
+    def _publish_and_commit(
+        self, consumer: KafkaConsumer, producer: KafkaProducer, slots: list[Slot], dispatch: Dispatch
+    ) -> dict[TopicPartition, int]:
+        by_tp: dict[TopicPartition, list[Slot]] = {}
         for slot in slots:
             by_tp.setdefault(slot.tp, []).append(slot)
 
         # Only a partition's prefix before its first retry is final; what follows is re-polled
         # (and re-dispatched) after the seek, so publishing it now would duplicate its outputs.
-        final: dict[TopicPartition, list[_Slot]] = {}
+        final: dict[TopicPartition, list[Slot]] = {}
         for tp, tp_slots in by_tp.items():
             cut = next((i for i, s in enumerate(tp_slots) if s.status == "retry"), len(tp_slots))
             final[tp] = tp_slots[:cut]
             for slot in final[tp]:
-                self._publish(producer, slot)
-        try:
-            producer.flush()
-        except KafkaError as exc:  # not-done futures count as failed below
-            log.warning("producer flush failed (%s); unacknowledged outcomes are retried", type(exc).__name__)
+                self._publisher.publish(producer, slot)
+        self._publisher.flush(producer)
+        self._publisher.resend_refused_dead_letters(
+            producer, [s for tp_slots in final.values() for s in tp_slots]
+        )
 
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        durable_slots: list[_Slot] = []
-        retry_at: dict[TopicPartition, int] = {}
+        durable_slots: list[Slot] = []
+        next_offsets: dict[TopicPartition, int] = {}
         for tp, tp_slots in by_tp.items():
             durable = 0
             for slot in final[tp]:
                 if not all(f.is_done and f.succeeded() for f in slot.futures):
                     log.warning(
-                        "%s@%d: outcome not acknowledged by Kafka; retrying", _tp(tp), slot.record.offset
+                        "%s@%d: outcome not acknowledged by Kafka; retrying", tp_name(tp), slot.record.offset
                     )
                     break
                 durable += 1
@@ -341,25 +333,43 @@ class EventConsumer:
             if durable:
                 offsets[tp] = OffsetAndMetadata(tp_slots[durable - 1].record.offset + 1, "", -1)
             if durable < len(tp_slots):
-                retry_at[tp] = tp_slots[durable].record.offset
+                next_offsets[tp] = tp_slots[durable].record.offset
                 self.stats.retried += len(tp_slots) - durable
+                if tp_slots[durable].status != "retry":  # a publish failed: Kafka's problem, not the event's
+                    tp_slots[durable].status, tp_slots[durable].retry_kind = "retry", "unavailable"
+            else:
+                next_offsets[tp] = tp_slots[-1].record.offset + 1
 
         # A record counts as finished only once its offset is committed: after a refused commit
         # (the group rebalanced during a slow batch) it comes back and is processed again.
         if self._commit(consumer, offsets, len(durable_slots)):
             for slot in durable_slots:
                 self._count_durable(slot)
-        if retry_at:
-            self._back_off(consumer, retry_at)
-        else:
-            self._retry_delay_s = self.retry_backoff_s  # success resets the backoff
+            self.attempts.clear([self._attempt_key(s) for s in durable_slots if s.attempts])
+            finished = getattr(dispatch, "finished", None)
+            incomings = [s.incoming for s in durable_slots if s.incoming is not None]
+            if finished is not None and incomings:
+                try:
+                    finished(incomings)
+                except Exception as exc:  # noqa: BLE001 - only housekeeping (results expire anyway)
+                    log.warning("dispatcher cleanup failed (%s)", type(exc).__name__)
+        return next_offsets
 
-    def _parse(self, record: ConsumerRecord) -> _Slot:
+    def _parse(self, record: ConsumerRecord) -> Slot:
         tp = TopicPartition(record.topic, record.partition)
-        slot = _Slot(record=record, tp=tp)
+        slot = Slot(record=record, tp=tp)
+        size = len(record.value) if isinstance(record.value, (bytes, bytearray)) else 0
         if record.value is None:
             slot.status, slot.rejected = "dead_letter", True
             slot.reason_code, slot.reason = "empty_value", "The message has no value (a Kafka tombstone)."
+        elif size > self.max_event_bytes:
+            slot.status, slot.rejected = "dead_letter", True
+            slot.reason_code = "event_too_large"
+            slot.reason = (
+                f"The event is {size} bytes; the limit is {self.max_event_bytes} (EHRW_MAX_EVENT_BYTES). "
+                "Send large Bundles as several events."
+            )
+            self.stats.too_large += 1
         else:
             try:
                 event = parse_event(record.value)
@@ -370,7 +380,7 @@ class EventConsumer:
                 slot.status, slot.rejected = "dead_letter", True
                 slot.reason_code = "parse_error"
                 slot.reason = f"The event parser failed ({type(exc).__name__}); please report this as a bug."
-                log.error("%s@%d: parser raised %s", _tp(tp), record.offset, type(exc).__name__)
+                log.error("%s@%d: parser raised %s", tp_name(tp), record.offset, type(exc).__name__)
             else:
                 slot.incoming = Incoming(
                     record.topic, record.partition, record.offset, record.key, record.value, event
@@ -378,78 +388,78 @@ class EventConsumer:
                 if not event.items:  # nothing to dispatch: only non-actionable orders
                     slot.status = "done"
         if slot.rejected:
-            log.info("%s@%d rejected: %s", _tp(tp), record.offset, slot.reason_code)
+            log.info("%s@%d rejected: %s", tp_name(tp), record.offset, slot.reason_code)
         return slot
 
-    def _dispatch(self, dispatch: Dispatch, slots: list[_Slot]) -> None:
+    def _dispatch(
+        self,
+        consumer: KafkaConsumer,
+        dispatch: Dispatch,
+        slots: list[Slot],
+        resume_at: dict[TopicPartition, int],
+    ) -> None:
         if not slots:
             return
         self.stats.dispatched += len(slots)
+        batch = [s.incoming for s in slots if s.incoming is not None]
         try:
-            outcomes = dispatch([s.incoming for s in slots if s.incoming is not None])
+            if getattr(dispatch, "accepts_keepalive", False):
+                outcomes = dispatch(batch, keepalive=lambda: self._paused.keepalive(consumer, resume_at))  # type: ignore[call-arg]
+            else:
+                outcomes = dispatch(batch)
             if len(outcomes) != len(slots):
                 raise RuntimeError(f"dispatch returned {len(outcomes)} outcomes for {len(slots)} events")
-        except Exception as exc:  # noqa: BLE001 - the batch is simply not durable yet
-            # The type only: exception text may quote event content.
+        except Exception as exc:  # the batch is simply not durable yet
+            # The type only: exception text may quote event content. Not the events' fault.
             log.error("dispatch failed (%s); %d events will be retried", type(exc).__name__, len(slots))
             log.debug("dispatch failure", exc_info=True)
             for slot in slots:
-                slot.status = "retry"
+                slot.status, slot.retry_kind = "retry", "unavailable"
+                slot.reason_code, slot.error_type = "dispatch_failed", type(exc).__name__
             return
         for slot, outcome in zip(slots, outcomes):
             slot.status = outcome.status
             slot.results = list(outcome.results)
             slot.reason_code, slot.reason, slot.details = outcome.reason_code, outcome.reason, outcome.details
+            slot.retry_kind, slot.retry_after_s = outcome.retry_kind, outcome.retry_after_s
+            slot.error_type = outcome.error_type
 
-    def _publish(self, producer: KafkaProducer, slot: _Slot) -> None:
-        rec = slot.record
-        source = [
-            (H_SOURCE_TOPIC, rec.topic.encode()),
-            (H_SOURCE_PARTITION, str(rec.partition).encode()),
-            (H_SOURCE_OFFSET, str(rec.offset).encode()),
-        ]
-        if slot.status == "dead_letter":
-            ours = [
-                (H_REASON_CODE, (slot.reason_code or "unspecified").encode()),
-                (H_REASON, (slot.reason or "").encode()),
-                *source,
-                (H_REJECTED_AT, _now_iso().encode()),
-            ]
-            if slot.details is not None:
-                ours.append((H_DETAILS, _json_bytes(slot.details)))
-            # Keep the producer's own headers (tracing ids...) next to ours.
-            original = [(k, v) for k, v in (rec.headers or []) if not k.startswith("ehrw-")]
-            self._send(producer, slot, self.dlq_topic, rec.key, rec.value, original + ours)
-        results = list(slot.results)
-        if slot.incoming is not None:
-            results += [
-                {"order": _order_ref(order), "status": "skipped", "reason_code": code}
-                for order, code in slot.incoming.event.skipped
-            ]
-        for result in results:
-            order = result.get("order")
-            key = str(order).encode() if order is not None else rec.key
-            self._send(producer, slot, self.result_topic, key, _json_bytes(result), source)
+    def _attempt_key(self, slot: Slot) -> str:
+        return attempt_key(self.group, slot.record.topic, slot.record.partition, slot.record.offset)
 
-    def _send(
-        self,
-        producer: KafkaProducer,
-        slot: _Slot,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]],
-    ) -> None:
-        try:
-            slot.futures.append(producer.send(topic, key=key, value=value, headers=headers))
-        except KafkaError as exc:
-            # Raised before sending (metadata unavailable, record too large...): the outcome is not
-            # durable, so the record is retried rather than the consumer crashing.
-            name = type(exc).__name__
-            log.error("%s@%d: cannot publish to %s (%s)", _tp(slot.tp), slot.record.offset, topic, name)
-            slot.futures.append(_FailedSend())
+    def _spend_budget(self, slots: list[Slot], dispatched: list[Slot]) -> None:
+        """Count failed attempts; an event out of budget is dead-lettered (``attempts_exhausted``)."""
+        others_succeeded = any(s.status == "done" for s in dispatched)
+        for slot in slots:
+            if slot.status != "retry":
+                continue
+            counts = slot.retry_kind == "event" or (
+                slot.retry_kind == "unavailable" and slot.retry_after_s is None and others_succeeded
+            )
+            if not counts:
+                continue
+            slot.attempts = self.attempts.add(self._attempt_key(slot))
+            if slot.attempts < self.max_attempts:
+                continue
+            last = slot.reason_code or "unknown"
+            log.error(
+                "%s@%d: %d attempts failed (last: %s, %s); dead-lettering",
+                tp_name(slot.tp), slot.record.offset, slot.attempts, last, slot.error_type or "-",
+            )  # fmt: skip
+            slot.status = "dead_letter"
+            slot.reason_code = "attempts_exhausted"
+            slot.reason = f"Processing failed {slot.attempts} times; the last error was {last}."
+            slot.details = {
+                "attempts": slot.attempts,
+                "last_reason_code": last,
+                "last_error_type": slot.error_type,
+            }
+            slot.results = [r for r in slot.results if r.get("status") in FINAL_RESULT_STATUSES]
+            self.stats.attempts_exhausted += 1
 
-    def _count_durable(self, slot: _Slot) -> None:
+    # -- publishing ------------------------------------------------------------------------------
+
+    def _count_durable(self, slot: Slot) -> None:
         self._finished += 1
         if slot.status == "dead_letter":
             self.stats.dead_lettered += 1
@@ -477,40 +487,35 @@ class EventConsumer:
             log.warning("commit failed (%s); continuing", type(exc).__name__)
             return False
         for tp, om in offsets.items():
-            log.debug("committed %s up to %d", _tp(tp), om.offset)
+            log.debug("committed %s up to %d", tp_name(tp), om.offset)
         self.stats.committed += records
         return True
 
-    def _back_off(self, consumer: KafkaConsumer, retry_at: dict[TopicPartition, int]) -> None:
-        for tp, offset in retry_at.items():
-            try:
-                consumer.seek(tp, offset)
-            except (ValueError, KafkaError):  # revoked meanwhile: its new owner reads from the commit
-                log.info("%s no longer assigned; its new owner will retry offset %d", _tp(tp), offset)
-        delay = self._retry_delay_s
-        # Sleeping past max_poll_interval_ms would get this consumer evicted from the group.
-        cap = min(self.retry_backoff_max_s, self.max_poll_interval_ms / 2000)
-        self._retry_delay_s = min(delay * 2, cap)
-        log.info("retrying %s in %.1fs", ", ".join(f"{_tp(tp)}@{o}" for tp, o in retry_at.items()), delay)
-        self._stop.wait(min(delay, cap))
+    # -- waiting without leaving the group --------------------------------------------------------
 
-
-def _json_bytes(doc: object) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str).encode()
-
-
-def _order_ref(order_id: str) -> str:
-    # The same "ServiceRequest/{id}" form the workers use in their result events.
-    return order_id if "/" in order_id else f"ServiceRequest/{order_id}"
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _tp(tp: TopicPartition) -> str:
-    return f"{tp.topic}[{tp.partition}]"
+    def _wait_before_retry(
+        self, consumer: KafkaConsumer, retries: list[Slot], dispatched: list[Slot], resume_at: dict
+    ) -> None:
+        if any(s.status == "done" for s in dispatched):
+            self.health.recovered()
+        kinds = {s.retry_kind for s in retries}
+        if not retries:
+            self._backoff.reset()
+            return
+        if kinds == {"busy"}:
+            return  # still running or queued behind an earlier event: look again at once
+        delay = self._backoff.next_delay()
+        if "deployment" in kinds:
+            self.stats.deployment_pauses += 1
+            code = next(s.reason_code for s in retries if s.retry_kind == "deployment")
+            self.health.unhealthy(f"the FHIR deployment refuses the worker ({code})")
+        asked = [s.retry_after_s for s in retries if s.retry_after_s]
+        if asked:
+            delay = max(delay, min(max(asked), self.retry_after_max_s))
+        where = ", ".join(sorted({f"{tp_name(s.tp)}@{s.record.offset}" for s in retries})[:5])
+        log.info("retrying %s (%s) in %.1fs", where, ",".join(sorted(kinds)), delay)
+        self.stats.waited_s += self._paused.wait(consumer, delay, resume_at)
 
 
 def _tps(tps: Iterable[TopicPartition]) -> str:
-    return ", ".join(sorted(_tp(tp) for tp in tps))
+    return ", ".join(sorted(tp_name(tp) for tp in tps))

@@ -154,6 +154,7 @@ class TextClassifier:
     """A registry model ready to predict: ``TextClassifier.load(version_dir).predict(texts)``."""
 
     def __init__(self, manifest: Manifest, encoder: OnnxTextEncoder, version_dir: Path):
+        self._masker = False  # built on first use (exam_masker)
         self.manifest = manifest
         self.encoder = encoder
         self.version_dir = version_dir
@@ -222,25 +223,23 @@ class TextClassifier:
         """Calibrated (temperature-scaled) class probabilities, ``[len(texts), num_labels]``."""
         return softmax(self.logits(texts, batch_size=batch_size), self.temperature)
 
-    def outputs_from_proba(self, proba: np.ndarray, top_k: int = 5) -> list:
-        from schemas.labels import ModelOutput, Prediction
+    def outputs_from_proba(self, proba: np.ndarray, top_k: int = 5, weights: Sequence[Sequence[float] | None] | None = None) -> list:
+        """ModelOutputs from calibrated probabilities. ``weights`` (one per row, or ``None``): a
+        per-label weight for that input (0 = not allowed, e.g. a protocol of another exam than the
+        one ordered); the row is reweighted and renormalised before ranking and abstention, and a
+        disallowed label that the unweighted model is confident in comes back as ``alternative``."""
+        from schemas.labels import ModelOutput
 
+        proba, excluded = apply_label_weights(proba, weights)
+        alternatives = [self._prediction(i, p) if i is not None else None for i, p in excluded]
         k = max(1, min(int(top_k), proba.shape[-1]))
         threshold = self.threshold
         confidences = top_k_confidence(proba, self.manifest.calibration.confidence_top_k)
         results = []
-        for row, confidence in zip(proba, confidences):
+        for row, confidence, alternative in zip(proba, confidences, alternatives):
             top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
             top = top[np.argsort(-row[top], kind="stable")]
-            preds = [
-                Prediction(
-                    self.labels[i].system,
-                    self.labels[i].code,
-                    self.labels[i].display,
-                    min(1.0, max(0.0, round(float(row[i]), 6))),
-                )
-                for i in top
-            ]
+            preds = [self._prediction(i, row[i]) for i in top]
             results.append(
                 ModelOutput(
                     task=self.task,
@@ -250,19 +249,111 @@ class TextClassifier:
                     predictions=preds,
                     threshold=threshold,
                     model_card_url=self.model_card_url,
+                    alternative=alternative,
                 )
             )
         return results
 
-    def predict(self, texts: Sequence[str], top_k: int = 5, batch_size: int = 32) -> list:
+    def _prediction(self, index: int, probability: float):
+        from schemas.labels import Prediction
+
+        label = self.labels[index]
+        return Prediction(label.system, label.code, label.display, min(1.0, max(0.0, round(float(probability), 6))))
+
+    def predict(
+        self,
+        texts: Sequence[str],
+        top_k: int = 5,
+        batch_size: int = 32,
+        weights: Sequence[Sequence[float] | None] | None = None,
+    ) -> list:
         """One :class:`schemas.labels.ModelOutput` per text, in input order: the top-k labels by
         calibrated probability, ``abstained`` when the probability mass of the top
         ``calibration.confidence_top_k`` labels (1: the top-1 probability) is below the manifest's
-        ``calibration.abstain_below``."""
+        ``calibration.abstain_below``. ``weights``: see :meth:`outputs_from_proba` (protocols: the
+        ordered exam's compatible labels, :meth:`order_weights`)."""
         texts = list(texts)
         if not texts:
             return []
-        return self.outputs_from_proba(self.predict_proba(texts, batch_size=batch_size), top_k=top_k)
+        return self.outputs_from_proba(self.predict_proba(texts, batch_size=batch_size), top_k=top_k, weights=weights)
+
+    # -- the ordered exam (protocol models) ---------------------------------------------------
+    @property
+    def exam_masker(self):
+        """For a protocol model: the :class:`schemas.exams.ExamMasker` over its labels (the
+        manifest's ``protocol_catalog`` for a hospital catalog, else the default catalog), or
+        ``None`` when the labels' attributes are unknown (then nothing is masked)."""
+        if self._masker is False:
+            self._masker = _exam_masker(self.manifest, self.labels) if self.task == "protocol" else None
+        return self._masker
+
+    def order_weights(self, service_requests: Sequence[dict]) -> list[list[float] | None] | None:
+        """Per-order label weights from each order's code (``None``: no masking at all)."""
+        masker = self.exam_masker
+        if masker is None:
+            return None
+        return [masker.weights(sr) for sr in service_requests]
+
+
+# A protocol of another exam than the one ordered is reported as the alternative when the model,
+# unrestricted, gives it at least this probability: the indication clearly calls for that exam.
+ALTERNATIVE_MIN_PROBABILITY = 0.5
+
+
+def apply_label_weights(
+    proba: np.ndarray, weights: Sequence[Sequence[float] | None] | None
+) -> tuple[np.ndarray, list[tuple[int | None, float]]]:
+    """Reweight and renormalise each row by its label weights (``None``: unchanged). Also returns,
+    per row, the excluded (weight 0) label the unrestricted model is confident in, as (index,
+    probability), or (None, 0.0). A row whose allowed labels all score 0 keeps the model's own
+    ranking. Training calls this too, so that the threshold is fitted on what is served."""
+    proba = np.asarray(proba, dtype=np.float64)
+    excluded: list[tuple[int | None, float]] = [(None, 0.0)] * len(proba)
+    if weights is None:
+        return proba, excluded
+    if len(weights) != len(proba):
+        raise ValueError(f"{len(weights)} weight rows for {len(proba)} inputs")
+    proba = proba.copy()
+    for i, w in enumerate(weights):
+        if w is None:
+            continue
+        weight = np.asarray(w, dtype=np.float64)
+        if weight.shape != proba[i].shape:
+            raise ValueError(f"a weight row has {weight.shape[-1]} entries for {proba.shape[-1]} labels")
+        masked = proba[i] * weight
+        total = masked.sum()
+        if not total > 0:
+            continue
+        outside = np.where(weight <= 0, proba[i], 0.0)
+        best = int(outside.argmax())
+        if outside[best] >= ALTERNATIVE_MIN_PROBABILITY:
+            excluded[i] = (best, float(outside[best]))
+        proba[i] = masked / total
+    return proba, excluded
+
+
+def _exam_masker(manifest: Manifest, labels: list):
+    from schemas.catalog import PROTOCOL_SYSTEM, PROTOCOLS, Protocol
+    from schemas.exams import ExamMasker
+
+    custom = getattr(manifest, "protocol_catalog", None) or (manifest.model_extra or {}).get("protocol_catalog")
+    if custom:
+        try:
+            by_code = {str(c["code"]): c for c in custom}
+            catalog = [
+                Protocol(
+                    label.code, label.display, str(by_code[label.code]["modality"]), str(by_code[label.code]["body_region"]),
+                    str(by_code[label.code]["contrast"]), None,
+                )
+                for label in labels
+            ]
+        except (KeyError, TypeError):
+            return None
+        return ExamMasker(catalog, labels[0].system)
+    defaults = {p.code: p for p in PROTOCOLS}
+    if any(label.system != PROTOCOL_SYSTEM or label.code not in defaults for label in labels):
+        return None
+    return ExamMasker([defaults[label.code] for label in labels], PROTOCOL_SYSTEM)
 
 
 def default_threads() -> int:

@@ -170,3 +170,106 @@ def disease_database_id(system: str, code: str) -> str:
         return f"{_DISEASE_SYSTEM_PREFIX[system]}:{code}"
     except KeyError:
         raise ValueError(f"not a disease coding system: {system!r}") from None
+
+
+# --------------------------------------------------------------------------- a hospital's own catalog
+
+LOCAL_PROTOCOL_SYSTEM = "urn:ehr-worker:local-protocol"  # a CSV that names no system
+
+
+@dataclass(frozen=True)
+class ProtocolCatalog:
+    """A protocol catalog: its coding system, the protocols (label order) and example indications."""
+
+    system: str
+    protocols: tuple[Protocol, ...]
+    examples: dict[str, tuple[str, ...]]
+
+    @property
+    def is_default(self) -> bool:
+        return self.system == PROTOCOL_SYSTEM and self.protocols == PROTOCOLS
+
+    def attributes(self) -> list[dict[str, str]]:
+        """What a manifest stores so that the worker can restrict to the ordered exam."""
+        return [{"code": p.code, "display": p.display, "modality": p.modality, "body_region": p.body_region,
+                 "contrast": p.contrast} for p in self.protocols]
+
+
+DEFAULT_CATALOG = ProtocolCatalog(PROTOCOL_SYSTEM, PROTOCOLS, {})
+_CSV_REQUIRED = ("code", "display", "modality", "region", "contrast")
+
+
+def load_protocol_catalog(path) -> ProtocolCatalog:
+    """A hospital's catalog from a CSV (columns ``code, display, modality, region, contrast``;
+    optional ``system``, ``loinc`` and ``examples`` - example indications separated by ``|``) or a
+    FHIR R4 CodeSystem JSON (``url`` = system; concept properties ``modality``, ``body-region``,
+    ``contrast``, optional ``example`` strings). Raises ``ValueError`` naming the row and problem."""
+    import csv
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such catalog file")
+    if path.suffix.lower() == ".json":
+        return _catalog_from_codesystem(json.loads(path.read_text(encoding="utf-8-sig")), str(path))
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        missing = [c for c in _CSV_REQUIRED if c not in columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(_CSV_REQUIRED)})")
+        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
+    systems = {r.get("system", "") for r in rows} - {""}
+    if len(systems) > 1:
+        raise ValueError(f"{path}: one catalog, one system; found {', '.join(sorted(systems))}")
+    protocols, examples = [], {}
+    for n, r in enumerate(rows, start=2):
+        protocols.append(_checked(r["code"], r["display"], r["modality"], r["region"], r["contrast"],
+                                  r.get("loinc") or None, f"{path}:{n}"))
+        if r.get("examples"):
+            examples[r["code"]] = tuple(x.strip() for x in r["examples"].split("|") if x.strip())
+    return _catalog(next(iter(systems), LOCAL_PROTOCOL_SYSTEM), protocols, examples, str(path))
+
+
+def _catalog_from_codesystem(cs: Any, where: str) -> ProtocolCatalog:
+    if not isinstance(cs, dict) or cs.get("resourceType") != "CodeSystem" or not cs.get("url"):
+        raise ValueError(f"{where}: expected a FHIR CodeSystem with a url")
+    protocols, examples = [], {}
+    for n, concept in enumerate(cs.get("concept") or []):
+        props: dict[str, list[Any]] = {}
+        for prop in concept.get("property") or []:
+            value = next((prop[k] for k in prop if k.startswith("value")), None)
+            props.setdefault(prop.get("code"), []).append(value)
+        first = {k: (v[0] if v else "") for k, v in props.items()}
+        loinc = first.get("loinc")
+        protocols.append(_checked(str(concept.get("code", "")), str(concept.get("display", "")), str(first.get("modality", "")),
+                                  str(first.get("body-region", "")), str(first.get("contrast", "")),
+                                  loinc.get("code") if isinstance(loinc, dict) else None, f"{where}: concept[{n}]"))
+        if props.get("example"):
+            examples[protocols[-1].code] = tuple(str(x) for x in props["example"] if x)
+    return _catalog(str(cs["url"]), protocols, examples, where)
+
+
+def _checked(code: str, display: str, modality: str, region: str, contrast: str, loinc: str | None, where: str) -> Protocol:
+    if not code or not display:
+        raise ValueError(f"{where}: code and display are required")
+    modality = modality.upper()
+    if modality not in MODALITIES:
+        raise ValueError(f"{where}: modality {modality!r} is not one of {', '.join(MODALITIES)}")
+    contrast = contrast.lower()
+    if contrast not in CONTRASTS:
+        raise ValueError(f"{where}: contrast {contrast!r} is not one of {', '.join(CONTRASTS)}")
+    if not region:
+        raise ValueError(f"{where}: region is required (e.g. head, chest, lumbar-spine; see the default catalog)")
+    return Protocol(code, display, modality, region.lower(), contrast, loinc)
+
+
+def _catalog(system: str, protocols: list[Protocol], examples: dict, where: str) -> ProtocolCatalog:
+    if len(protocols) < 2:
+        raise ValueError(f"{where}: a catalog needs at least 2 protocols")
+    codes = [p.code for p in protocols]
+    dupes = sorted({c for c in codes if codes.count(c) > 1})
+    if dupes:
+        raise ValueError(f"{where}: duplicate code(s) {', '.join(dupes)}")
+    return ProtocolCatalog(system, tuple(protocols), examples)

@@ -41,6 +41,7 @@ __all__ = [
     "ParsedEvent",
     "parse_event",
     "skip_reason",
+    "validate_fetched_order",
     "validate_service_request",
 ]
 
@@ -114,6 +115,27 @@ def parse_event(raw: bytes) -> ParsedEvent:
         "unsupported_resource_type",
         "The event is neither a FHIR resource (no resourceType) nor a CloudEvent (no specversion).",
     )
+
+
+def validate_fetched_order(resource: Any, reference: str) -> dict[str, Any]:
+    """Check an order read from the FHIR server for a reference (a CloudEvent or an id-only
+    notification) exactly as an inline one is checked, and that it is the order the reference
+    names; returns it, or raises :class:`EventRejected`.
+
+    The server's answer is as untrusted as the event: the same validator runs on it, so a fetched
+    order can only ever be worked on, skipped or rejected, never crash the task.
+    """
+    wanted = parse_reference(reference)
+    if wanted is None or wanted.resource_type != "ServiceRequest":
+        raise EventRejected("invalid_structure", "The order reference is not 'ServiceRequest/{id}'.")
+    validate_service_request(resource, path=wanted.relative)
+    where = f"The order read for {wanted.relative}"
+    if resource["id"] != wanted.id:
+        raise EventRejected("invalid_structure", f"{where} has a different id.")
+    version = (resource.get("meta") or {}).get("versionId") if isinstance(resource.get("meta"), dict) else None
+    if wanted.version and version is not None and version != wanted.version:
+        raise EventRejected("invalid_structure", f"{where} is another version (meta.versionId).")
+    return resource
 
 
 def _parse_resource(doc: dict[str, Any]) -> ParsedEvent:
@@ -233,6 +255,7 @@ def _parse_bundle(bundle: dict[str, Any]) -> ParsedEvent:
     newest_only = bundle_type == "history"
     seen: set[str] = set()
     orders: list[dict[str, Any]] = []
+    position: dict[str, int] = {}  # order id -> index in orders
     skipped: list[tuple[str, str]] = []
     for i, entry in enumerate(entries):
         resource = entry.get("resource")
@@ -248,10 +271,19 @@ def _parse_bundle(bundle: dict[str, Any]) -> ParsedEvent:
         if bundle_type == "searchset" and isinstance(search, dict) and search.get("mode") == "include":
             continue  # included alongside the matches, not itself a result
         validate_service_request(resource, path=f"Bundle.entry[{i}].resource")
-        if newest_only and resource["id"] in seen:
-            skipped.append((resource["id"], "superseded"))
+        order_id = resource["id"]
+        if order_id in seen:
+            # One order once per event: the same id twice would be two tasks racing on one
+            # order. A later entry wins only with a higher numeric meta.versionId.
+            kept = position.get(order_id)
+            if not newest_only and kept is not None and _newer(resource, orders[kept]):
+                orders[kept] = resource
+                skipped.append((order_id, "superseded"))
+            else:
+                skipped.append((order_id, "superseded" if newest_only else "duplicate"))
             continue
-        seen.add(resource["id"])
+        seen.add(order_id)
+        position[order_id] = len(orders)
         orders.append(resource)
 
     event = _classify(orders, kind="bundle")
@@ -259,6 +291,11 @@ def _parse_bundle(bundle: dict[str, Any]) -> ParsedEvent:
     if not event.items and not event.skipped:
         raise EventRejected("no_service_request", f"The {bundle_type} Bundle holds no ServiceRequest.")
     return event
+
+
+def _newer(candidate: dict[str, Any], kept: dict[str, Any]) -> bool:
+    new, old = (str((o.get("meta") or {}).get("versionId") or "") for o in (candidate, kept))
+    return new.isdigit() and old.isdigit() and int(new) > int(old)
 
 
 def _first_resource_type(entries: list[dict[str, Any]]) -> Any:

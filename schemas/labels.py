@@ -58,6 +58,9 @@ class ModelOutput:
     predictions: list[Prediction] = field(default_factory=list)
     threshold: float = 0.0
     model_card_url: str | None = None
+    # a label outside the allowed set (a protocol of another exam than the one ordered) that the
+    # model, unrestricted, is confident in: reported separately, never in ``predictions``
+    alternative: Prediction | None = None
 
     @property
     def top(self) -> Prediction | None:
@@ -65,13 +68,16 @@ class ModelOutput:
 
     def to_json(self) -> dict[str, Any]:
         """The ``ehr-worker predict`` output line of DESIGN.md (the caller adds ``id``)."""
-        return {
+        out: dict[str, Any] = {
             "task": self.task,
             "model": self.model,
             "model_version": self.model_version,
             "abstained": self.abstained,
             "predictions": [p.to_json() for p in self.predictions],
         }
+        if self.alternative is not None:
+            out["alternative_exam"] = self.alternative.to_json()
+        return out
 
     @classmethod
     def from_json(
@@ -84,10 +90,12 @@ class ModelOutput:
             model=str(data["model"]),
             model_version=str(data["model_version"]),
             abstained=bool(data["abstained"]),
-            predictions=[
-                Prediction(str(p["system"]), str(p["code"]), str(p["display"]), float(p["probability"]))
-                for p in data.get("predictions", [])
-            ],
+            predictions=[_prediction(p) for p in data.get("predictions", [])],
             threshold=float(threshold if threshold is not None else data.get("threshold", 0.0)),
             model_card_url=model_card_url if model_card_url is not None else data.get("model_card_url"),
+            alternative=_prediction(data["alternative_exam"]) if data.get("alternative_exam") else None,
         )
+
+
+def _prediction(p: dict[str, Any]) -> Prediction:
+    return Prediction(str(p["system"]), str(p["code"]), str(p["display"]), float(p["probability"]))

@@ -6,11 +6,16 @@ fhir.resources (R4B models) checks structure but not coded values, so the requir
 
 from __future__ import annotations
 
+import copy
+import logging
 from functools import lru_cache
 from typing import Any
 
 from schemas.references import ID_RE, RESOURCE_TYPE_RE
 from schemas.rejections import FIELD_NAME_RE, EventRejected, code_repr
+from schemas.validation import r4_resource_types, r4_schema_errors
+
+log = logging.getLogger(__name__)
 
 # FHIR R4 request-status and request-intent (required bindings).
 STATUSES = frozenset({"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"})
@@ -32,6 +37,11 @@ INTENTS = frozenset(
 ORDER_INTENTS = frozenset({"order", "original-order", "reflex-order", "filler-order", "instance-order"})
 
 _MAX_STRUCTURE_ERRORS = 5
+# JSON nesting (objects and arrays) a ServiceRequest may have. Real orders stay under ~15 levels
+# (a contained Questionnaire's nested items reach ~30); fhir.resources validates recursively in
+# Python and fails with RecursionError near 300 levels (an ``extension`` nested 150 deep), so a
+# deeper order is rejected before it is validated.
+MAX_JSON_DEPTH = 64
 
 
 def validate_service_request(sr: Any, *, path: str = "ServiceRequest") -> None:
@@ -68,7 +78,8 @@ def validate_service_request(sr: Any, *, path: str = "ServiceRequest") -> None:
             f"{where}: subject has no reference or identifier, so the order names no patient.",
         )
 
-    errors = _structure_errors(sr)
+    r4_only = _check_embedded_resources(sr, where)
+    errors = _structure_errors(sr, r4_only)
     if errors:
         shown = "; ".join(errors[:_MAX_STRUCTURE_ERRORS])
         hidden = len(errors) - _MAX_STRUCTURE_ERRORS
@@ -119,20 +130,79 @@ def _service_request_model() -> Any:
     return ServiceRequest
 
 
-def _structure_errors(sr: dict[str, Any]) -> list[str]:
-    """Failing field paths and pydantic error types only: pydantic messages may quote the input."""
+def _check_embedded_resources(sr: dict[str, Any], where: str) -> list[tuple[Any, ...]]:
+    """Reject an order nested deeper than :data:`MAX_JSON_DEPTH` or embedding an object whose
+    ``resourceType`` is not an R4 resource type; return the paths of embedded resources of R4
+    types that the R4B model lacks (``MedicinalProduct``...), which the model cannot validate.
+
+    Iterative on purpose: the input is untrusted, so nothing here may recurse on its depth.
+    """
+    known, r4b = r4_resource_types(), _r4b_resource_types()
+    r4_only: list[tuple[Any, ...]] = []
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(sr, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) >= MAX_JSON_DEPTH:
+            raise EventRejected(
+                "too_deeply_nested",
+                f"{where} nests deeper than {MAX_JSON_DEPTH} levels at {_loc_path(path[:8])}...; "
+                "no valid order is that deep.",
+            )
+        if isinstance(value, dict):
+            if path and "resourceType" in value:
+                resource_type = value["resourceType"]
+                if not isinstance(resource_type, str) or resource_type not in known:
+                    found = code_repr(resource_type, RESOURCE_TYPE_RE)
+                    raise EventRejected(
+                        "invalid_structure",
+                        f"{where}: {_loc_path(path)} has resourceType {found}, not an R4 resource type.",
+                    )
+                if resource_type not in r4b:
+                    r4_only.append(path)
+            stack.extend((child, (*path, key)) for key, child in value.items())
+        elif isinstance(value, list):
+            stack.extend((child, (*path, i)) for i, child in enumerate(value))
+    return r4_only
+
+
+@lru_cache(maxsize=1)
+def _r4b_resource_types() -> frozenset[str]:
+    import fhir.resources.R4B.fhirtypes as r4b_types
+
+    return frozenset(name for name in r4_resource_types() if hasattr(r4b_types, f"{name}Type"))
+
+
+def _structure_errors(sr: dict[str, Any], r4_only: list[tuple[Any, ...]] | None = None) -> list[str]:
+    """Failing field paths and pydantic error types only: pydantic messages may quote the input.
+
+    Embedded resources of R4-only types (``r4_only`` paths) are checked against the R4 JSON schema
+    and stand in the model's copy as a minimal ``Basic``, so that array positions stay true.
+    """
     from pydantic import ValidationError
 
+    errors: list[str] = []
+    if r4_only:
+        sr = copy.deepcopy(sr)
+        for path in r4_only:
+            parent = sr
+            for part in path[:-1]:
+                parent = parent[part]
+            resource = parent[path[-1]]
+            errors += [f"{_loc_path(path)}{e.removeprefix('$')}" for e in r4_schema_errors(resource)]
+            parent[path[-1]] = {"resourceType": "Basic", "code": {"text": "R4-only resource"}}
     try:
         _service_request_model().model_validate(sr)
     except ValidationError as exc:
-        return [
+        errors += [
             f"{_loc_path(err['loc'])}: {err['type']}"
             for err in exc.errors(include_url=False, include_input=False, include_context=False)
         ]
-    except (TypeError, ValueError) as exc:  # defensive: a model bug must not leak input text
-        return [f"model error {type(exc).__name__}"]
-    return []
+    except Exception as exc:  # noqa: BLE001 - a model bug must neither leak input text nor escape
+        # The checks above remove every cause found so far (fuzzed in tests/test_schemas_fuzz.py);
+        # anything left is the model's problem, reported by type only.
+        log.warning("fhir.resources failed on a ServiceRequest with %s", type(exc).__name__)
+        errors.append(f"(resource): could not be validated ({type(exc).__name__} in the R4B model)")
+    return errors
 
 
 def _loc_path(loc: tuple[Any, ...]) -> str:

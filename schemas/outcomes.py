@@ -1,9 +1,100 @@
-"""What happened to one order: the result the worker publishes to the suggestions topic and the
-consumer reads to decide between commit and dead-letter. Ids, codes and counts only, never text."""
+"""Outcomes, as ids and codes only: what happened to one order (:class:`OrderOutcome`, the result
+event the worker publishes and the consumer reads), and a FHIR server's OperationOutcome reduced to
+codes (:func:`outcome_codes`).
+
+The reduced OperationOutcome is the only form of it that leaves the FHIR client. Servers write free text into ``issue.diagnostics`` and ``issue.details.text`` and often quote the
+request in it: a rejected Task's note, a patient's name, a value that failed a pattern. That text
+must not reach logs, exceptions, dead-letter headers or result events, so everything the worker
+keeps of an outcome is: ``severity``, ``code`` (both bound to small FHIR value sets),
+``details.coding`` system/code pairs that look like codes, and ``expression``/``location`` paths
+that look like FHIRPath element paths (``Task.for``, ``Bundle.entry[2].resource.code``). A path
+with a literal in it (``where(name = 'Ada')``) is dropped whole.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, NotRequired, TypedDict
+
+__all__ = ["ORDER_STATUSES", "OrderOutcome", "OrderStatus", "outcome_code_summary", "outcome_codes"]
+
+ISSUE_SEVERITIES = frozenset({"fatal", "error", "warning", "information"})
+_CODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}")
+_SYSTEM_RE = re.compile(r"(?:https?|urn|oid)[A-Za-z0-9._:/\-#]{1,200}")
+# Element names, [index], dots; no quotes, spaces or operators, so no literal can hide in it.
+_PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[\d{1,6}\])?(?:\.[A-Za-z_][A-Za-z0-9_]*(?:\[\d{1,6}\])?){0,30}")
+MAX_ISSUES = 20
+_MAX_PATHS = 5
+_MAX_CODINGS = 5
+
+
+def outcome_codes(outcome: Any) -> dict[str, Any] | None:
+    """``{"resourceType": "OperationOutcome", "issue": [{"severity", "code", "details"?,
+    "expression"?}]}`` keeping only codes and element paths; ``None`` for anything that is not an
+    OperationOutcome. Idempotent: reducing a reduced outcome changes nothing."""
+    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
+        return None
+    issues = outcome.get("issue")
+    reduced: list[dict[str, Any]] = []
+    for issue in issues if isinstance(issues, list) else []:
+        if not isinstance(issue, dict):
+            continue
+        severity = issue.get("severity")
+        code = issue.get("code")
+        kept: dict[str, Any] = {
+            "severity": severity if isinstance(severity, str) and severity in ISSUE_SEVERITIES else "error",
+            "code": code if isinstance(code, str) and _CODE_RE.fullmatch(code) else "unknown",
+        }
+        codings = _codings((issue.get("details") or {}) if isinstance(issue.get("details"), dict) else {})
+        if codings:
+            kept["details"] = {"coding": codings}
+        paths = _paths(issue.get("expression")) or _paths(issue.get("location"))
+        if paths:
+            kept["expression"] = paths
+        reduced.append(kept)
+        if len(reduced) == MAX_ISSUES:
+            break
+    return {"resourceType": "OperationOutcome", "issue": reduced}
+
+
+def outcome_code_summary(outcome: Any, *, max_issues: int = 5) -> str:
+    """``"[error invalid] Task.for; [error required] Task.status"``: codes and paths, for messages."""
+    reduced = outcome_codes(outcome)
+    if reduced is None:
+        return ""
+    parts = []
+    for issue in reduced["issue"][:max_issues]:
+        where = ", ".join(issue.get("expression", []))
+        parts.append(f"[{issue['code']}] {where}".rstrip())
+    hidden = len(reduced["issue"]) - max_issues
+    if hidden > 0:
+        parts.append(f"(+{hidden} more issues)")
+    return "; ".join(parts)
+
+
+def _codings(details: dict[str, Any]) -> list[dict[str, str]]:
+    codings = details.get("coding")
+    kept: list[dict[str, str]] = []
+    for coding in codings if isinstance(codings, list) else []:
+        if not isinstance(coding, dict):
+            continue
+        code, system = coding.get("code"), coding.get("system")
+        if isinstance(code, str) and _CODE_RE.fullmatch(code):
+            entry = {"code": code}
+            if isinstance(system, str) and _SYSTEM_RE.fullmatch(system):
+                entry["system"] = system
+            kept.append(entry)
+        if len(kept) == _MAX_CODINGS:
+            break
+    return kept
+
+
+def _paths(values: Any) -> list[str]:
+    paths = [v for v in values if isinstance(v, str) and _PATH_RE.fullmatch(v)] if isinstance(values, list) else []
+    return paths[:_MAX_PATHS]
+
+
+# -- one order's outcome ------------------------------------------------------------------------
 
 # written: suggestions written back; no_suggestion: nothing confident to write (not an error);
 # skipped: not an order this worker acts on; rejected: a permanent problem (dead-letter topic)

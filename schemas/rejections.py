@@ -22,6 +22,7 @@ REASON_CODES = frozenset(
         "no_service_request",
         "invalid_notification",
         "invalid_cloudevent",
+        "too_deeply_nested",
     }
 )
 

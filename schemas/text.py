@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -38,8 +39,16 @@ SEPARATOR = " | "
 FIELD_MAX_CHARS = 400  # one segment (e.g. all reasons together)...
 _SEGMENT_MAX_CHARS = {"note": 800, "context": 1000}  # ...except the narrative ones
 CONTEXT_ITEM_MAX_CHARS = 300  # one context resource
+MAX_CONTEXT_REFERENCES = 20  # fetched per order: each is a FHIR round trip
 MAX_INPUT_CHARS = 2000  # the whole text: well past 128 tokens, so the tokenizer's cut is what binds
 _ATTACHMENT_MAX_B64 = 8000  # decode at most ~6 kB of an attachment (a multiple of 4)
+# Work per event is bounded whatever its size (a 1 MB order must cost milliseconds, not minutes):
+# a join stops once it is longer than any segment may be, looks at most _MAX_VALUES values, and a
+# string is cleaned up to _RAW_TEXT_MAX_CHARS. Below these bounds the text is exactly what the
+# unbounded rules give, so training and inference agree on every real order.
+_JOIN_BUDGET_CHARS = MAX_INPUT_CHARS + 1
+_MAX_VALUES = 256
+_RAW_TEXT_MAX_CHARS = 8 * MAX_INPUT_CHARS
 
 # Context resource types that build_model_input renders (so worth fetching).
 CONTEXT_RESOURCE_TYPES = frozenset(
@@ -85,14 +94,16 @@ def context_references(service_request: dict[str, Any]) -> list[str]:
     credentials to whatever host an absolute URL in an order names. Contained (``#x``) resources
     are already in the order and are rendered from there.
     """
-    references: list[str] = []
+    references: dict[str, None] = {}  # ordered and O(1) membership
     sr = service_request
     for ref in objects(sr.get("reasonReference")) + objects(sr.get("supportingInfo")):
         value = ref.get("reference")
         parsed = parse_reference(value) if is_relative_reference(value) else None
-        if parsed and parsed.resource_type in CONTEXT_RESOURCE_TYPES and value not in references:
-            references.append(value)
-    return references
+        if parsed and parsed.resource_type in CONTEXT_RESOURCE_TYPES:
+            references[value] = None
+            if len(references) == MAX_CONTEXT_REFERENCES:
+                break
+    return list(references)
 
 
 def service_request_from_text(order_id: str, text: str, *, field: str = "code") -> dict[str, Any]:
@@ -125,17 +136,19 @@ def _order_segments(sr: dict[str, Any]) -> list[tuple[str, str]]:
 def _clinical_segments(
     sr: dict[str, Any], context: Sequence[dict[str, Any]], *, with_extras: bool
 ) -> list[tuple[str, str]]:
-    reasons = [_concept_text(c) for c in objects(sr.get("reasonCode"))]
-    reasons += [clean_text(r.get("display")) for r in objects(sr.get("reasonReference"))]
-    notes = [clean_text(n.get("text")) for n in objects(sr.get("note"))]
+    reasons = itertools.chain(
+        (_concept_text(c) for c in objects(sr.get("reasonCode"))),
+        (_clean(r.get("display")) for r in objects(sr.get("reasonReference"))),
+    )
+    notes = (_clean(n.get("text")) for n in objects(sr.get("note")))
     segments = [("reason", _unique_join(reasons)), ("note", _unique_join(notes, sep=" "))]
     if with_extras:
         segments += [
-            ("instructions", clean_text(sr.get("patientInstruction"))),
+            ("instructions", _clean(sr.get("patientInstruction"))),
             ("category", _concepts_text(sr.get("category"))),
         ]
-    rendered = [_render_context(r) for r in _context_resources(sr, context)]
-    segments.append(("context", _unique_join([_truncate(r, CONTEXT_ITEM_MAX_CHARS) for r in rendered])))
+    rendered = (_render_context(r) for r in _context_resources(sr, context))
+    segments.append(("context", _unique_join(_truncate(r, CONTEXT_ITEM_MAX_CHARS) for r in rendered)))
     return segments
 
 
@@ -200,12 +213,12 @@ def _render_context(resource: dict[str, Any]) -> str:
         return _render_observation(resource)
     if kind == "DiagnosticReport":
         name = _concept_text(resource.get("code"))
-        conclusion = clean_text(resource.get("conclusion"))
+        conclusion = _clean(resource.get("conclusion"))
         body = f"{name}: {conclusion}" if name and conclusion else name or conclusion
         return f"report: {body}" if body else ""
     if kind == "DocumentReference":
-        texts = [_attachment_text(c.get("attachment")) for c in objects(resource.get("content"))]
-        body = _unique_join(texts, sep=" ") or clean_text(resource.get("description"))
+        texts = (_attachment_text(c.get("attachment")) for c in objects(resource.get("content")))
+        body = _unique_join(texts, sep=" ") or _clean(resource.get("description"))
         return f"document: {body}" if body else ""
     if kind == "Binary":
         body = _attachment_text(resource)
@@ -218,8 +231,8 @@ def _render_observation(obs: dict[str, Any]) -> str:
     value = _observation_value(obs)
     if not value:
         components = objects(obs.get("component"))
-        parts = [f"{_concept_text(c.get('code'))} {_observation_value(c)}".strip() for c in components]
-        value = "; ".join(p for p in parts[:3] if p)
+        parts = (f"{_concept_text(c.get('code'))} {_observation_value(c)}".strip() for c in components)
+        value = "; ".join(p for p in itertools.islice(parts, 3) if p)
     interpretation = _concepts_text(obs.get("interpretation"))
     text = f"{name}: {value}" if name and value else name or value
     if text and interpretation:
@@ -231,18 +244,18 @@ def _observation_value(obs: dict[str, Any]) -> str:
     if isinstance(obs.get("valueQuantity"), dict):
         quantity = obs["valueQuantity"]
         unit = quantity.get("unit") or quantity.get("code") or ""
-        return f"{quantity.get('comparator', '')}{_number(quantity.get('value'))} {clean_text(unit)}".strip()
+        return f"{quantity.get('comparator', '')}{_number(quantity.get('value'))} {_clean(unit)}".strip()
     if "valueCodeableConcept" in obs:
         return _concept_text(obs["valueCodeableConcept"])
     if "valueString" in obs:
-        return clean_text(obs["valueString"])
+        return _clean(obs["valueString"])
     if isinstance(obs.get("valueBoolean"), bool):
         return "yes" if obs["valueBoolean"] else "no"
     if "valueInteger" in obs:
         return _number(obs["valueInteger"])
     if isinstance(obs.get("valueRange"), dict):
         low, high = obs["valueRange"].get("low") or {}, obs["valueRange"].get("high") or {}
-        unit = clean_text(high.get("unit") or low.get("unit"))
+        unit = _clean(high.get("unit") or low.get("unit"))
         return f"{_number(low.get('value'))}-{_number(high.get('value'))} {unit}".strip(" -")
     return ""
 
@@ -264,7 +277,7 @@ def _attachment_text(attachment: Any) -> str:
     try:
         payload = base64.b64decode(attachment["data"][:_ATTACHMENT_MAX_B64], validate=False)
         # "ignore": the cut may split a multi-byte character at the end
-        return clean_text(payload.decode(charset, errors="ignore"))
+        return _clean(payload.decode(charset, errors="ignore"))
     except (binascii.Error, LookupError, ValueError):
         return ""
 
@@ -273,37 +286,54 @@ def _attachment_text(attachment: Any) -> str:
 
 
 def _display(coding: dict[str, Any]) -> str:
-    return _SEMANTIC_TAG.sub("", clean_text(coding.get("display")))
+    return _SEMANTIC_TAG.sub("", _clean(coding.get("display")))
 
 
 def _concept_text(concept: Any, *, fallback_to_codes: bool = False) -> str:
     """``text``, else the codings' displays; for the order code, else ``"loinc 24627-2"``-style codes."""
     if not isinstance(concept, dict):
         return ""
-    text = clean_text(concept.get("text"))
+    text = _clean(concept.get("text"))
     if text:
         return text
-    displays = _unique_join([_display(c) for c in codings(concept)])
+    displays = _unique_join(_display(c) for c in codings(concept))
     if displays or not fallback_to_codes:
         return displays
-    codes = [
-        f"{_SYSTEM_NAMES.get(str(c.get('system')), 'code')} {clean_text(c.get('code'))}"
+    codes = (
+        f"{_SYSTEM_NAMES.get(str(c.get('system')), 'code')} {_clean(c.get('code'))}"
         for c in codings(concept)
-        if clean_text(c.get("code"))
-    ]
+        if _clean(c.get("code"))
+    )
     return _unique_join(codes)
 
 
 def _concepts_text(concepts: Any) -> str:
-    return _unique_join([_concept_text(c) for c in objects(concepts)])
+    return _unique_join(_concept_text(c) for c in objects(concepts))
 
 
 def _unique_join(values: Iterable[str], sep: str = "; ") -> str:
+    """Non-empty values, each once (case-insensitively), in order; linear, and bounded by
+    _MAX_VALUES values and _JOIN_BUDGET_CHARS characters (values are produced lazily)."""
     out: list[str] = []
-    for value in values:
-        if value and value.casefold() not in (o.casefold() for o in out):
-            out.append(value)
+    seen: set[str] = set()
+    length = 0
+    for value in itertools.islice(values, _MAX_VALUES):
+        if not value:
+            continue
+        key = value.casefold()
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(value)
+        length += len(value) + len(sep)
+        if length > _JOIN_BUDGET_CHARS:
+            break
     return sep.join(out)
+
+
+def _clean(text: Any) -> str:
+    """:func:`clean_text` of at most the first _RAW_TEXT_MAX_CHARS characters."""
+    return clean_text(text[:_RAW_TEXT_MAX_CHARS] if isinstance(text, str) else text)
 
 
 def _truncate(text: str, limit: int) -> str:

@@ -35,6 +35,16 @@ def r4_schema_errors(resource: Any) -> list[str]:
     return [_describe(error) for error in errors]
 
 
+def r4_resource_types() -> frozenset[str]:
+    """The resource type names of FHIR R4 (4.0.1), from the shipped schema."""
+    return _resource_types()
+
+
+@lru_cache(maxsize=1)
+def _resource_types() -> frozenset[str]:
+    return frozenset(_schema()[_DISPATCH_KEYWORD])
+
+
 def is_r4_valid(resource: Any) -> bool:
     return not r4_schema_errors(resource)
 

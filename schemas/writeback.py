@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from schemas.labels import ModelOutput, Prediction
 from schemas.references import ID_RE, order_reference
+from schemas.validation import r4_schema_errors
 
 IDENTIFIER_SYSTEM = "https://ehr-worker.dev/fhir/NamingSystem/suggestion-key"
 # meta.tag system carrying the idempotency key where ifNoneExist searches _tag (Provenance,
@@ -59,7 +60,11 @@ SUGGESTION_CODES = {
     "alternative-protocol": "Alternative protocol",
     "alternative-protocol-probability": "Calibrated probability of the alternative protocol above",
     "rare-disease-differential": "Rare disease differential diagnosis",
+    "indication-suggests-other-exam": "Protocol of another exam than the one ordered that the indication may call for",
+    "indication-suggests-other-exam-probability": "Calibrated probability of that protocol, unrestricted by the order",
 }
+# Below the threshold the Task lists this many ranked protocols for the radiologist to choose from.
+ABSTAINED_ALTERNATIVES = 3
 
 _HL7_CS = "http://terminology.hl7.org/CodeSystem"
 _KEY_VERSION = "ehrw-suggestion-v1"  # part of every key: bump only to deliberately re-suggest everything
@@ -77,6 +82,12 @@ def suggestion_identifier(service_request: dict[str, Any], model: str, model_ver
     (``meta`` excluded) when the server gives none, so an edited order gets a new suggestion."""
     order_id, order_version = _order_id(service_request), _order_version(service_request)
     return _hash(_KEY_VERSION, "ServiceRequest", order_id, order_version, model, model_version)
+
+
+def order_idempotency_key(service_request: dict[str, Any]) -> str:
+    """The key of one version of an order (id + ``meta.versionId``, or a content hash without
+    one): replays of the same order version share it, an edited order gets a new one."""
+    return _hash(_KEY_VERSION, "ServiceRequest", _order_id(service_request), _order_version(service_request))
 
 
 def _order_version(service_request: dict[str, Any]) -> str:
@@ -196,7 +207,34 @@ def build_writeback_bundle(
     entries.append(_entry(provenance, provenance_key, tag_query))
     bundle["identifier"] = {"system": IDENTIFIER_SYSTEM, "value": provenance_key}
     bundle["entry"] = entries
+    check_writeback_bundle(bundle)
     return bundle
+
+
+class WritebackSchemaError(ValueError):
+    """The write-back Bundle this worker built is not valid FHIR R4, so it was not sent.
+
+    Never the order's fault: a bug in ehr-worker or a model whose labels break an R4 datatype (an
+    empty or space-containing code). Permanent: a retry builds the same Bundle. ``errors`` are
+    schema paths and keywords, free of values, so they can be logged and dead-lettered.
+    """
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        shown = "; ".join(errors[:5]) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else "")
+        super().__init__(
+            f"the write-back Bundle is not valid FHIR R4, nothing was sent: {shown}. "
+            "Fix the model's labels (catalog) or report an ehr-worker bug."
+        )
+
+
+def check_writeback_bundle(bundle: dict[str, Any]) -> None:
+    """Validate an outgoing Bundle against the FHIR R4 JSON schema (the validator is compiled once,
+    ~3 ms per Bundle); raises :class:`WritebackSchemaError`. The server is no check: sekmet, like
+    several production servers, stores invalid codes."""
+    errors = r4_schema_errors(bundle)
+    if errors:
+        raise WritebackSchemaError(errors)
 
 
 def _entry(resource: dict[str, Any], key: str, if_none_exist: str) -> dict[str, Any]:
@@ -257,11 +295,21 @@ def _task(
             _concept_input("suggested-protocol", suggested),
             _decimal_input("suggested-protocol-probability", suggested),
         ]
+    else:
+        ranked = ranked[:ABSTAINED_ALTERNATIVES]
     for alternative in ranked:  # pairs in rank order: each probability follows its protocol
         inputs += [
             _concept_input("alternative-protocol", alternative),
             _decimal_input("alternative-protocol-probability", alternative),
         ]
+    notes = [{"text": _model_note(output)}]
+    if output.alternative is not None:
+        # flagged, never substituted: protocoling performs the exam that was ordered
+        inputs += [
+            _concept_input("indication-suggests-other-exam", output.alternative),
+            _decimal_input("indication-suggests-other-exam-probability", output.alternative),
+        ]
+        notes.append({"text": _other_exam_note(output.alternative)})
     status_code = "no-confident-suggestion" if output.abstained else "protocol-suggested"
     task = {
         "resourceType": "Task",
@@ -279,7 +327,7 @@ def _task(
         "authoredOn": when,
         "lastModified": when,
         "requester": {"reference": device_url},
-        "note": [{"text": _model_note(output)}],
+        "note": notes,
         "input": inputs or None,
     }
     return {k: v for k, v in task.items() if v is not None}
@@ -417,6 +465,14 @@ def _model_note(output: ModelOutput) -> str:
     return (
         f"AI-generated by {output.model} {output.model_version}: {verdict} the calibrated probability "
         f"threshold {output.threshold:g}). Not verified by a clinician."
+    )
+
+
+def _other_exam_note(alternative: Prediction) -> str:
+    return (
+        f"Flag for the radiologist: the indication may call for another exam than the one ordered "
+        f"({alternative.display}, probability {_probability(alternative):g} when not restricted to the ordered exam). "
+        "The suggestions above protocol the ordered exam."
     )
 
 

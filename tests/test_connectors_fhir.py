@@ -19,6 +19,7 @@ from connectors.embedded import EmbeddedServices
 from connectors.fhir import (
     FhirAuth,
     FhirClient,
+    FhirConfigurationError,
     FhirPermanentError,
     FhirTransientError,
     entry_status,
@@ -181,7 +182,7 @@ def test_auth_settings_are_checked_and_secrets_hidden():
     with pytest.raises(ValueError, match="unknown FHIR auth kind"):
         FhirAuth(kind="oauth")  # type: ignore[arg-type]
     auth = FhirAuth(kind="basic", username="u", password="hunter2")
-    assert "hunter2" not in repr(auth) and "hunter2" not in repr(FhirClient("http://x/fhir", auth))
+    assert "hunter2" not in repr(auth) and "hunter2" not in repr(FhirClient("https://x/fhir", auth))
 
 
 # -- scripted real HTTP servers --------------------------------------------------------------------
@@ -336,9 +337,10 @@ def test_client_credentials_token_cached_and_refreshed_once_on_401():
             state["valid"].clear()
             state["issued"] = 100  # from now on the server never accepts what it issues
             server.handle = lambda req: (401, {}, None) if req.path != "/token" else handle(req)
-            with pytest.raises(FhirPermanentError) as err:
+            with pytest.raises(FhirConfigurationError) as err:
                 c.read("Patient/p1")
-            assert err.value.status == 401  # refreshed once, then gave up
+            assert err.value.status == 401  # refreshed once, then gave up: the deployment's problem
+            assert "EHRW_FHIR_AUTH" in str(err.value)
 
 
 def test_basic_and_bearer_headers():
@@ -349,3 +351,110 @@ def test_basic_and_bearer_headers():
             c.read("Patient/p1")
     assert server.requests[0][2]["Authorization"] == "Bearer abc"
     assert server.requests[1][2]["Authorization"].startswith("Basic ")
+
+
+# -- deployment problems are not the event's (issue 8, defect 5) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "status, variable",
+    [(401, "EHRW_FHIR_AUTH"), (403, "EHRW_FHIR_AUTH"), (408, "EHRW_FHIR_TIMEOUT_S"), (412, "EHRW_FHIR_BASE_URL")],
+)
+def test_deployment_answers_raise_configuration_errors(status, variable):
+    with ScriptedServer(lambda _r: (status, {}, INVALID)) as server:
+        with FhirClient(server.base, max_retries=2) as c, pytest.raises(FhirConfigurationError) as err:
+            c.transaction({"resourceType": "Bundle", "type": "transaction", "entry": []})
+        assert len(server.requests) == 1  # not retried inside the request: the consumer pauses
+    assert err.value.status == status and variable in str(err.value)
+    assert not isinstance(err.value, (FhirPermanentError, FhirTransientError))  # never dead-lettered
+
+
+def test_wrong_base_url_is_a_configuration_error_but_a_missing_order_is_not(client, fhir_base):
+    with pytest.raises(FhirPermanentError) as missing:  # sekmet: a FHIR server, the order is absent
+        client.read(f"ServiceRequest/{uuid.uuid4().hex}")
+    assert missing.value.status == 404
+    wrong = fhir_base.removesuffix("/fhir") + "/not-fhir"
+    with FhirClient(wrong, max_retries=0) as c, pytest.raises(FhirConfigurationError) as err:
+        c.read("ServiceRequest/1")
+    assert err.value.status == 404 and "EHRW_FHIR_BASE_URL" in str(err.value)
+
+
+def test_token_endpoint_refusal_is_a_configuration_error():
+    def handle(req):
+        if req.path == "/token":
+            return 400, {}, {"error": "invalid_client", "error_description": "client Ada Lovelace unknown"}
+        return 200, {}, PATIENT
+
+    with ScriptedServer(handle) as server:
+        auth = FhirAuth(
+            kind="client_credentials",
+            token_url=server.base.removesuffix("/fhir") + "/token",
+            client_id="ehrw",
+            client_secret="s3cret",
+        )
+        with FhirClient(server.base, auth, max_retries=3) as c, pytest.raises(FhirConfigurationError) as err:
+            c.read("Patient/p1")
+    text = str(err.value)
+    assert err.value.status == 400 and "invalid_client" in text and "EHRW_FHIR_CLIENT_SECRET" in text
+    assert "Ada" not in text
+
+
+def test_configuration_errors_survive_celerys_json_round_trip():
+    original = FhirConfigurationError("token refused", 400, "EHRW_FHIR_CLIENT_ID", 3.0, None)
+    rebuilt = FhirConfigurationError(*original.args)  # how Celery rebuilds a task's exception
+    assert (rebuilt.status, rebuilt.variable, rebuilt.retry_after, str(rebuilt)) == (
+        original.status, original.variable, original.retry_after, str(original),
+    )  # fmt: skip
+    assert FhirPermanentError(*FhirPermanentError(404, INVALID, "read").args).status == 404
+
+
+# -- server text stays out of errors (issue 8, defect 9) -------------------------------------------
+
+
+def test_operation_outcome_is_reduced_to_codes_and_paths():
+    chatty = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "invalid",
+                "diagnostics": "Task.note 'Ada Lovelace, 36, BRCA1' too long",
+                "details": {"text": "Ada Lovelace", "coding": [{"system": "http://x.org/cs", "code": "MSG_LEN"}]},
+                "expression": ["Task.note[0].text", "Task.where(note = 'Ada Lovelace')"],
+            }
+        ],
+    }
+    with (
+        ScriptedServer(lambda _r: (422, {}, chatty)) as server,
+        FhirClient(server.base, max_retries=0) as c,
+        pytest.raises(FhirPermanentError) as err,
+    ):
+        c.read("Patient/p1")
+    kept = err.value.operation_outcome
+    assert kept == {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "invalid",
+                "details": {"coding": [{"code": "MSG_LEN", "system": "http://x.org/cs"}]},
+                "expression": ["Task.note[0].text"],
+            }
+        ],
+    }
+    for text in (str(err.value), repr(err.value.args), json.dumps(kept)):
+        assert "Ada" not in text
+    assert "[invalid] Task.note[0].text" in str(err.value)
+
+
+# -- credentials only over TLS (issue 8, defect 11) ------------------------------------------------
+
+
+def test_credentials_over_plain_http_are_refused_except_to_this_machine():
+    auth = FhirAuth(kind="bearer", token="t")
+    with pytest.raises(ValueError, match="EHRW_FHIR_ALLOW_INSECURE_HTTP"):
+        FhirClient("http://fhir.hospital.example/fhir", auth)
+    FhirClient("http://fhir.hospital.example/fhir", auth, allow_insecure_http=True).close()
+    FhirClient("https://fhir.hospital.example/fhir", auth).close()
+    FhirClient("http://127.0.0.1:8090/fhir", auth).close()  # the local demo
+    FhirClient("http://fhir.hospital.example/fhir").close()  # no credentials, nothing to leak

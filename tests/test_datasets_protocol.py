@@ -144,23 +144,31 @@ def test_patient_factors_flip_the_protocol_and_are_rendered(scenario, factor, ex
     cand = _cand(scenario, factor)
     assert cand.label == expected
     rng = random.Random(1)
+    missing = []
     for _ in range(25):
         sr, _ = protocol._render(rng, cand, "train")
         text = build_model_input(sr)
         body = text.split(" | ", 1)[1] if text.startswith("order:") else text
-        assert pattern.search(body), text
+        if not pattern.search(body):
+            missing.append(text)
+    # the surface noise may put a typo into the factor's one word ("ernal failure"), as real notes do
+    assert len(missing) <= 1, missing
 
 
 def test_child_flip_renders_a_child():
     cand = _cand("appendicitis", "child")
     assert cand.label == kb.US_ABD
     rng = random.Random(2)
+    unreadable = []
     for _ in range(25):
         sr, _ = protocol._render(rng, cand, "test")
         text = build_model_input(sr)
         ages = [int(a) for a in re.findall(r"(\d+) ?(?:yo|y/o|y\b|yr|year|-year|-yr)", text, re.IGNORECASE)]
         ages += [int(a) for a in re.findall(r"(?:age |aged |[MF]/)(\d+)", text, re.IGNORECASE)]
-        assert ages and max(ages) < 16, text
+        assert max(ages, default=0) < 16, text
+        if not ages:
+            unreadable.append(text)
+    assert len(unreadable) <= 1, unreadable  # a typo may hit "aged", as in real notes
 
 
 def test_small_n():
@@ -182,3 +190,33 @@ def test_workup_orders_carry_a_rare_disease_note(train):
     assert workups
     assert {i.label for i in workups} <= {protocol_by_display(d).code for d in protocol.WORKUP}
     assert Counter(i.label for i in workups).most_common(1)[0][1] >= 2
+
+
+def test_the_ordered_exam_always_allows_the_label():
+    # training never teaches an order the worker's mask would contradict
+    from schemas.exams import ExamMasker
+
+    masker = ExamMasker(PROTOCOLS)
+    index = {p.code: i for i, p in enumerate(PROTOCOLS)}
+    for split in ("train", "test"):
+        d = protocol.generate(600, seed=3, split=split)
+        for item in d.items:
+            weights = masker.weights(item.service_request)
+            assert weights is None or weights[index[item.label]] > 0, (item.label, item.service_request.get("code"))
+
+
+def test_real_writing_styles_one_word_reasons_and_narratives():
+    d = protocol.generate(800, seed=4, split="test")
+    lengths = [len(build_model_input(it.service_request).split("|", 1)[-1].split()) for it in d.items]
+    groups = {it.group for it in d.items}
+    assert "test:minimal" in groups and "test:neuro-hpi" in groups
+    short = [it for it in d.items if it.group == "test:minimal"]
+    assert short and sum(len(_indication(it.service_request).split()) <= 4 for it in short) / len(short) > 0.5
+    narratives = [_indication(it.service_request) for it in d.items if it.group == "test:neuro-hpi"]
+    with_age = [n for n in narratives if re.search(r"\b\d{1,3}[- ](?:y/o|yo|year)", n, re.IGNORECASE)]
+    assert narratives and len(with_age) >= 0.9 * len(narratives)  # typos aside, every one gives an age
+    assert max(lengths) > 40
+
+
+def _indication(sr: dict) -> str:
+    return " ".join([r["text"] for r in sr.get("reasonCode", [])] + [n["text"] for n in sr.get("note", [])])

@@ -179,3 +179,52 @@ def test_inference_never_imports_torch(tiny_registry):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------ the ordered exam (protocol)
+
+
+def _order(code_text: str, note: str) -> dict:
+    return {"resourceType": "ServiceRequest", "id": "o1", "code": {"text": code_text}, "note": [{"text": note}]}
+
+
+@pytest.mark.parametrize(
+    ("code_text", "modality"),
+    [("CT CHEST W CONTRAST", "CT"), ("NM myocardial perfusion stress", "NM"), ("US OB", "US"),
+     ("XR CHEST PA/LAT", "XR"), ("PET/CT", "PT"), ("ECHO TTE", "ECHO"), ("MRI spine", "MR")],
+)
+def test_only_protocols_of_the_ordered_exam_are_ranked(protocol, code_text, modality):
+    from schemas.catalog import protocol_by_code
+    from schemas.text import build_model_input
+
+    sr = _order(code_text, "chest pain and shortness of breath, r/o pneumonia")
+    weights = protocol.order_weights([sr])
+    (out,) = protocol.predict([build_model_input(sr)], top_k=5, weights=weights)
+    ranked = [p for p in out.predictions if p.probability > 0]
+    assert ranked and {protocol_by_code(p.code).modality for p in ranked} == {modality}
+    # renormalised over the allowed protocols
+    assert abs(sum(p.probability for p in out.predictions) - 1.0) < 1e-3 or len(out.predictions) == 5
+    if out.alternative is not None:  # flagged separately, never ranked
+        assert protocol_by_code(out.alternative.code).modality != modality
+        assert out.alternative.code not in {p.code for p in out.predictions}
+
+
+def test_weights_renormalise_and_flag_a_confident_excluded_label(protocol):
+    import numpy as np
+
+    n = len(protocol.labels)
+    proba = np.full((1, n), 0.1 / (n - 1))
+    proba[0, 0] = 0.9  # the model is sure of label 0 ...
+    weights = [[0.0] + [1.0] * (n - 1)]  # ... which the ordered exam does not allow
+    (out,) = protocol.outputs_from_proba(proba, top_k=3, weights=weights)
+    assert out.predictions[0].code != protocol.labels[0].code
+    assert abs(out.predictions[0].probability - 1 / (n - 1)) < 1e-4
+    assert out.alternative is not None and out.alternative.code == protocol.labels[0].code
+    assert out.alternative.probability == pytest.approx(0.9)
+    assert out.to_json()["alternative_exam"]["code"] == protocol.labels[0].code
+    # no weights: exactly today's behaviour
+    (plain,) = protocol.outputs_from_proba(proba, top_k=3)
+    assert plain.predictions[0].code == protocol.labels[0].code and plain.alternative is None
+    assert "alternative_exam" not in plain.to_json()
+    # an order naming no exam: no mask
+    assert protocol.order_weights([_order("Imaging study", "headache")]) == [None]

@@ -534,3 +534,16 @@ def test_any_wrong_type_anywhere_is_rejected_not_crashed(shape):
                 parse_event(raw(_replaced(shape, path, value)))
             except EventRejected as exc:
                 assert exc.code in REASON_CODES
+
+
+def test_an_order_repeated_in_a_bundle_is_worked_on_once():
+    """issue 8, defect 4 (parser side): 2,000 copies of one order are one task, not 2,000."""
+    copies = [{"resource": sr(id="a", meta={"versionId": "1"})} for _ in range(2000)]
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [*copies, {"resource": sr(id="b")}]}
+    event = parse_event(raw(bundle))
+    assert [i.order_id for i in event.items] == ["a", "b"]
+    assert event.skipped == [("a", "duplicate")] * 1999
+    newer = {"resource": sr(id="a", meta={"versionId": "2"})}
+    event = parse_event(raw({"resourceType": "Bundle", "type": "collection", "entry": [copies[0], newer]}))
+    assert [i.service_request["meta"]["versionId"] for i in event.items] == ["2"]
+    assert event.skipped == [("a", "superseded")]

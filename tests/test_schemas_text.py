@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from schemas.fhirjson import clean_text
 from schemas.text import (
     MAX_INPUT_CHARS,
     build_model_input,
@@ -234,3 +235,51 @@ def test_service_request_from_text():
     assert clinical_text(note) == "note: short stature, lens dislocation"
     with pytest.raises(ValueError):
         service_request_from_text("x3", "text", field="reason")
+
+
+# -- bounded work per event (issue 8, defect 6) ------------------------------------------------------
+
+
+def _big_order(**fields) -> dict:
+    return {"resourceType": "ServiceRequest", "id": "big", "status": "active", "intent": "order", **fields}
+
+
+def test_model_input_work_is_bounded_by_the_output_not_the_event(monkeypatch):
+    """8,000 notes and ~1 MB events: the join used to compare every value with every kept one
+    (8,000 notes 2.2 s, a 1 MB event minutes). Now each field stops when its segment is full:
+    the strings cleaned stay few and short whatever the event holds. The time ceiling is far above
+    the expected milliseconds (speed figures come from ``ehr-worker bench``); it only catches a
+    return to quadratic work, which takes seconds per case here."""
+    import time
+
+    import schemas.text as text_module
+
+    cleaned: list[int] = []
+
+    def counting_clean_text(value):
+        cleaned.append(len(value) if isinstance(value, str) else 0)
+        return clean_text(value)
+
+    monkeypatch.setattr(text_module, "clean_text", counting_clean_text)
+    cases = [
+        _big_order(note=[{"text": f"note {i} reports pain"} for i in range(8000)]),
+        _big_order(reasonCode=[{"text": f"reason {i}"} for i in range(40_000)]),  # ~1 MB
+        _big_order(code={"coding": [{"system": "http://loinc.org", "code": str(i), "display": f"d {i}"} for i in range(20_000)]}),
+        _big_order(note=[{"text": "word " * 200_000}]),  # one 1 MB note
+        _big_order(supportingInfo=[{"reference": f"Observation/o{i}"} for i in range(20_000)]),
+    ]
+    for sr in cases:
+        cleaned.clear()
+        start = time.perf_counter()
+        text = build_model_input(sr)
+        references = context_references(sr)
+        elapsed = time.perf_counter() - start
+        assert len(cleaned) <= 2 * 256 + 20 and sum(cleaned) <= 3 * 16_000, (len(cleaned), sum(cleaned))
+        assert elapsed < 1.0 and len(text) <= 2000 and len(references) <= 20
+
+
+def test_bounded_join_gives_the_unbounded_text_for_real_orders():
+    notes = [{"text": f"Note {i}."} for i in range(30)] + [{"text": "note 3."}]  # case-insensitive duplicate
+    text = build_model_input(_big_order(note=notes))
+    expected = " ".join(f"Note {i}." for i in range(30))
+    assert text == "note: " + expected

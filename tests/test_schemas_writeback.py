@@ -361,3 +361,43 @@ def test_invalid_resources_fail_without_echoing_values():
     bad_entry = {"resource": {"resourceType": "Task", "status": "bogus"}}
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [bad_entry]}
     assert r4_schema_errors(bundle) == ["$.entry[0].resource.status: enum (not an allowed code)"]
+
+
+# -- outgoing Bundles are schema-checked (issue 8, defect 12) ---------------------------------------
+
+
+@pytest.mark.parametrize("code", ["", "two  spaces", " lead"])
+def test_a_bundle_breaking_r4_is_refused_before_it_is_sent(code):
+    from schemas.writeback import WritebackSchemaError
+
+    broken = ModelOutput(
+        task="protocol",
+        model="protocol-test",
+        model_version=VERSION,
+        abstained=False,
+        predictions=[Prediction(PROTOCOL_SYSTEM, code, "CT head", 0.9)],
+    )
+    with pytest.raises(WritebackSchemaError) as err:
+        build(protocol=broken)
+    message = str(err.value)
+    assert "not valid FHIR R4" in message and "valueCodeableConcept.coding[0].code: pattern" in message
+    assert "CT head" not in message
+
+def test_abstention_lists_the_top_three_and_another_exam_is_flagged_not_substituted():
+    from dataclasses import replace
+
+    output = protocol_output(abstained=True)
+    output.predictions.append(Prediction(PROTOCOL_SYSTEM, "CT-CHEST-W", "CT chest with contrast", 0.05))
+    other = Prediction(PROTOCOL_SYSTEM, "US-RUQ", "US right upper quadrant", 0.8)
+    bundle = build(replace(output, alternative=other), None)
+    (task,) = of_type(bundle, "Task")
+    types = [i["type"]["text"] for i in task["input"]]
+    assert types == ALTERNATIVE_PAIR * 3 + ["indication-suggests-other-exam", "indication-suggests-other-exam-probability"]
+    flagged = task["input"][-2]["valueCodeableConcept"]["coding"][0]
+    assert flagged["code"] == "US-RUQ" and task["input"][-1]["valueDecimal"] == 0.8
+    assert any("another exam" in n["text"] for n in task["note"])
+    # a confident suggestion keeps the ordered exam's protocol first
+    bundle = build(replace(protocol_output(), alternative=other), None)
+    (task,) = of_type(bundle, "Task")
+    assert task["input"][0]["type"]["text"] == "suggested-protocol"
+    assert task["input"][0]["valueCodeableConcept"]["coding"][0]["code"] == "CT-ABDPEL-W"

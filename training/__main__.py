@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--model-card-base-url", default=None)
     pl.add_argument("--not-current", action="store_true", help="register the version without making it CURRENT")
     pl.add_argument("--keep-dir", default=None, help="also keep the work files (fp32/int8 ONNX) in this folder")
+    pl.add_argument("--catalog", default=None, metavar="CSV_OR_JSON",
+                    help="protocol: a hospital's own catalog (CSV: code,display,modality,region,contrast[,system,loinc,"
+                         "examples]; or a FHIR CodeSystem JSON) instead of the 34 default protocols")
 
     m = sub.add_parser("methods", help="compare full / LoRA / QLoRA-4bit / distilled / pruned on one task")
     _common(m, task_choices=list(TASKS), task_default=None)
@@ -95,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown profile {args.profile!r} (choose from {', '.join(PROFILES)})")
     tasks = list(TASKS) if args.task == "all" else [args.task]
     overrides = _overrides(parser, args.set)
+    if getattr(args, "catalog", None):
+        if args.task != "protocol":
+            parser.error("--catalog applies to --task protocol")
+        from schemas.catalog import load_protocol_catalog
+
+        try:
+            load_protocol_catalog(args.catalog)
+        except ValueError as exc:
+            parser.error(str(exc))
+        overrides["catalog"] = str(Path(args.catalog).resolve())
     try:
         profile = {task: Profile.from_values(overrides, base=named_profile(args.profile, task)) for task in tasks}
     except KeyError as exc:

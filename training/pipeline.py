@@ -69,6 +69,7 @@ from training.model import (
 )
 from training.modelcard import render_model_card
 from training.profiles import Profile, resolve_profile
+from training.protocol_eval import calibrate_on_exams, write_exam_slices
 from training.report import comparison_table, evaluation_report
 from training.stages import (
     Run,
@@ -212,6 +213,9 @@ def calibrate_stage(run: Run, files: ModelFiles) -> Calibration:
     # without a held-out-phrasing sample the calibration set is the validation set: reuse its logits
     calib_logits = int8.logits(data.calib_x, batch_size=64) if data.heldout_calibration else val_logits
     fitted = cal.calibrate(calib_logits, data.calib_y, p.target_precision, top_k=p.confidence_top_k)
+    if run.task == "protocol":  # served restricted to the ordered exam: fit the threshold on that
+        fitted = calibrate_on_exams(fitted, calib_logits, data.splits.get("calib", data.splits["val"]), data.calib_y,
+                                    p.target_precision, **data.catalog_kw)
     summary = fitted["val"]
     summary["set"] = data.calib_name
     summary["n"] = len(data.calib_x)
@@ -256,6 +260,9 @@ def evaluate_stage(run: Run, files: ModelFiles, calibration: Calibration) -> Eva
               f"{m_fp32['macro_f1']:.4f} / {m_int8['macro_f1']:.4f}, rare-class F1 {m_fp32['rare_f1']:.4f} / "
               f"{m_int8['rare_f1']:.4f}, top-1 agreement {par['top1_agreement']:.4f}; "
               f"p50 {lat_int8['p50_ms']:.2f} ms (int8) vs {lat_fp32['p50_ms']:.2f} ms (fp32)")
+    if run.task == "protocol":  # top-1/top-3/coverage by slice, restricted to the ordered exam
+        m_int8["protocol_slices"] = write_exam_slices(files.version / REPORT_DIR, logits_int8, data, temperature,
+                                                      calibration.threshold, **data.catalog_kw)
     report = evaluation_report_stage(run, files, calibration) if p.report else None
     comparison = baseline_comparison(run, files, report) if report is not None and p.baseline else None
     run.stage.done("evaluate")
@@ -354,6 +361,7 @@ def register_stage(run: Run, files: ModelFiles, info: dict[str, Any], calibratio
         "format_version": 1,
         "model_card_url": card_url,
         "training": json_safe(training_info),
+        **data.manifest_extra,  # a hospital catalog's attributes (training.protocol_catalog)
     }
     (files.version / MODEL_CARD_FILE).write_text(render_model_card(manifest_dict, profile=p.name), encoding="utf-8")
     manifest_dict["files"] = checksum_files(files.version)

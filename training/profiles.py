@@ -35,6 +35,8 @@ class Profile:
     n_train_per_disease: int = 20  # diagnosis: training notes per disease
     n_val_per_disease: int = 1
     n_test_per_disease: int = 3
+    # protocol: a hospital's own catalog (CSV or FHIR CodeSystem JSON; training.protocol_catalog); None: the 34 defaults
+    catalog: str | None = None
     calibration_split: str = "heldout"  # "val" or "heldout" (a held-out-phrasing sample, see load_splits)
 
     # -- model ------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
             "lr": 1.5e-4,
             "head_lr": 3e-3,
             "class_weights": "sqrt",
+            "target_precision": 0.95,  # auto-assign only at 95 % precision (issue 11); coverage is reported
             "student_layers": 2,  # 3 -> 2 layers, initialised from the teacher's layers 0 and 2
             "distill_epochs": 0.5,
             "prune_ffn": 0.25,

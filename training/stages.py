@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from schemas.labels import Label
 from training.adapters import apply_lora, merge_for_export, prepare_for_kbit_training, trainable_parameters
+from training.datasets.common import Dataset
 from training.datasets.splits import load_splits
 from training.distill import distill, make_student, teacher_logits
 from training.evaluate import json_safe, macro_f1
@@ -90,6 +91,10 @@ class TaskData:
     heldout_calibration: bool  # calib is a held-out-phrasing sample (else it is the validation set)
     hashes: dict[str, str]  # split -> sha256 of its examples
     train_support: np.ndarray  # training examples per class
+    splits: dict[str, Dataset] = field(default_factory=dict)  # the datasets themselves (orders, for exam masks)
+    # protocol with a hospital catalog (training.protocol_catalog.catalog_data): its masks and manifest entry
+    catalog_kw: dict[str, Any] = field(default_factory=dict)
+    manifest_extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def calib_name(self) -> str:
@@ -131,7 +136,13 @@ def load_task_data(task: str, p: Profile, seed: int, stage: Stages) -> TaskData:
         heldout_calibration="calib" in splits,
         hashes={s: d.sha256() for s, d in splits.items()},
         train_support=np.bincount(np.asarray(train_y), minlength=len(labels)),
+        splits=splits,
     )
+    if task == "protocol" and p.catalog:
+        from training.protocol_catalog import catalog_data
+
+        extra = catalog_data(p.catalog)
+        data.catalog_kw, data.manifest_extra = extra["catalog_kw"], extra["manifest_extra"]
     stage("data", f"{len(labels)} labels; train {len(data.train_x)}, val {len(data.val_x)}, "
           f"test {len(data.test_x)} examples; {int((data.train_support > 0).sum())} labels seen in train")
     stage.done("data")

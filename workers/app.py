@@ -2,7 +2,8 @@
 
 Configuration lives here and only here. JSON is the only serializer accepted in either
 direction (a pickle payload from a compromised broker cannot execute code), and tasks are
-acknowledged late so a worker that dies mid-order leaves the message for another worker.
+acknowledged late so a worker that dies mid-order leaves the message for another worker. Every
+task has soft and hard time limits.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ def make_app(settings: Settings) -> Celery:
         task_track_started=False,
         result_expires=3600,
         broker_connection_retry_on_startup=True,
-        # Redis visibility timeout must exceed the longest retry chain, or Redis redelivers the task
-        # to a second worker while the first is still backing off.
-        broker_transport_options={"visibility_timeout": 3600},
+        # Tasks never retry themselves (the consumer owns retrying), so an unacknowledged task only
+        # needs to outlive the hard time limit before Redis hands it to another worker.
+        broker_transport_options={
+            "visibility_timeout": max(settings.broker_visibility_timeout_s, int(settings.task_hard_time_limit_s) + 30)
+        },
+        # A stuck order cannot hold a child for ever: the soft limit reports task_timeout, the hard
+        # one kills and replaces the child.
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=max(settings.task_hard_time_limit_s, settings.task_soft_time_limit_s + 5),
         task_default_queue="ehr-worker",
         worker_hijack_root_logger=False,
         timezone="UTC",

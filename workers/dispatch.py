@@ -1,80 +1,311 @@
 """Hands a consumer batch to the Celery workers and turns task results into event outcomes.
 
-Every order of the batch is sent at once (the consumer already bounds the batch size), then the
-results are collected. An event is ``done`` when all its orders were written or skipped,
-``dead_letter`` when one was permanently rejected, and ``retry`` when any task failed
-transiently, timed out or lost its worker: its offset then stays uncommitted and the event comes
-back; the idempotent write-back makes that replay harmless.
+One dispatch round, in short:
+
+- **Orders, not records, are bounded.** At most ``max_in_flight_orders`` tasks are queued or
+  running at once, however many orders the batch's Bundles hold; more are sent as results come
+  in. Repeated order ids inside one event run once.
+- **Same key, in order.** An event waits until every earlier event of the batch that shares its
+  Kafka key or one of its order ids is decided; if that one is to be retried, so is this one.
+- **One task per order and event, whatever happens.** The task id is derived from the event's
+  coordinates (group, topic, partition, offset) and the order id, and a marker in Redis
+  (``SET NX``) says it was sent: an event dispatched again (a retry, a restarted consumer, a new
+  owner after a rebalance) finds its tasks running or finished instead of queueing copies. The
+  results stay until the consumer has committed the event (:meth:`CeleryDispatcher.finished`), so
+  a 2,000-order Bundle that outlasts one round keeps its progress.
+- **The consumer owns retrying.** A task reports ``unavailable`` / ``deployment_error`` /
+  ``failed`` instead of retrying itself; such a result is forgotten (so the next attempt runs the
+  order again) and becomes a ``retry`` outcome of the matching kind (see
+  :mod:`connectors.retry`). The first ``unavailable`` or ``deployment_error`` ends the round at
+  once: every other event of the batch waits with it instead of hammering a server that is down.
+- **Never outwaiting the group.** While waiting, the round calls the consumer's ``keepalive``
+  (a paused poll); without one it stops at 80 % of ``max.poll.interval.ms``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import asdict
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from celery.result import AsyncResult
-
 from connectors.kafka import EventConsumer, EventOutcome, Incoming
+from connectors.retry import RedisAttempts, RetryKind
 from schemas.events import OrderItem
 from workers.settings import Settings
-from workers.tasks import suggest
+from workers.tasks import STATUS_DEPLOYMENT, STATUS_FAILED, STATUS_UNAVAILABLE, app, suggest
 
 log = logging.getLogger(__name__)
+
+FINAL_STATUSES = frozenset({"written", "skipped", "no_suggestion", "rejected"})
+_KIND_OF_STATUS: dict[str, RetryKind] = {
+    STATUS_UNAVAILABLE: "unavailable",
+    STATUS_DEPLOYMENT: "deployment",
+    STATUS_FAILED: "event",
+}
+# How often a sent task's marker is checked: a marker that vanished (Redis flushed or restarted)
+# means the task may be gone too, so it is sent again.
+_MARKER_CHECK_EVERY_S = 5.0
 
 
 def order_item_payload(item: OrderItem) -> dict[str, Any]:
     return {k: v for k, v in asdict(item).items() if v is not None}
 
 
-def _collect(result: AsyncResult, deadline: float) -> dict[str, Any] | Exception:
-    try:
-        return result.get(timeout=max(0.1, deadline - time.monotonic()), propagate=True, disable_sync_subtasks=False)
-    except Exception as exc:  # noqa: BLE001 - any task failure means "not durable yet"
-        return exc
-    finally:
-        result.forget()
+def task_id_for(group: str, inc: Incoming, order_id: str) -> str:
+    """The Celery task id of one order of one event: stable across rounds, restarts and consumers."""
+    raw = f"{group}|{inc.topic}|{inc.partition}|{inc.offset}|{order_id}".encode()
+    return "ehrw-" + hashlib.sha256(raw).hexdigest()[:40]
 
 
-def outcome_for_event(results: list[dict[str, Any] | Exception]) -> EventOutcome:
-    failures = [r for r in results if isinstance(r, Exception)]
-    if failures:
-        first = failures[0]
-        return EventOutcome(status="retry", reason_code="task_failed", reason=f"{type(first).__name__}: {first}"[:300])
-    done: list[dict[str, Any]] = [r for r in results if not isinstance(r, Exception)]
-    rejected = [r for r in done if r.get("status") == "rejected"]
+def unique_orders(items: list[OrderItem]) -> list[OrderItem]:
+    """One item per order id; the last occurrence wins (a later entry is the newer statement)."""
+    by_id: dict[str, OrderItem] = {}
+    for item in items:
+        by_id.pop(item.order_id, None)
+        by_id[item.order_id] = item
+    return list(by_id.values())
+
+
+def outcome_for_event(results: list[dict[str, Any]]) -> EventOutcome:
+    """The event's outcome once each of its orders has a final result."""
+    rejected = [r for r in results if r.get("status") == "rejected"]
     if rejected:
         first = rejected[0]
         return EventOutcome(
             status="dead_letter",
-            results=done,
+            results=results,
             reason_code=first.get("reason_code"),
             reason=first.get("reason"),
             details={"order": first.get("order"), "operation_outcome": first.get("operation_outcome")},
         )
-    return EventOutcome(status="done", results=done)
+    return EventOutcome(status="done", results=results)
+
+
+def retry_outcome(result: dict[str, Any]) -> EventOutcome:
+    """The ``retry`` outcome for an order result that is not final (codes only, no event text)."""
+    status = str(result.get("status"))
+    kind = _KIND_OF_STATUS.get(status, "event")
+    retry_after = result.get("retry_after")
+    return EventOutcome(
+        status="retry",
+        reason_code=str(result.get("reason_code") or status),
+        reason=f"order {result.get('order')}: {status}",
+        retry_kind=kind,
+        retry_after_s=float(retry_after) if isinstance(retry_after, (int, float)) else None,
+        error_type=result.get("error_type"),
+    )
+
+
+@dataclass
+class _Event:
+    inc: Incoming
+    orders: dict[str, OrderItem]  # task id -> order
+    keys: set[str]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    started: bool = False
+    outcome: EventOutcome | None = None
 
 
 class CeleryDispatcher:
-    """``dispatch`` callable for :class:`connectors.kafka.EventConsumer`."""
+    """``dispatch`` callable for :class:`connectors.kafka.EventConsumer` (see the module docstring)."""
 
-    def __init__(self, *, timeout_s: float = 120.0) -> None:
+    accepts_keepalive = True
+
+    def __init__(
+        self,
+        *,
+        group: str = "ehr-worker",
+        timeout_s: float = 120.0,
+        no_keepalive_timeout_s: float = 8.0,
+        max_in_flight_orders: int = 64,
+        marker_ttl_s: int = 3600,
+        tick_s: float = 0.05,
+    ) -> None:
+        self.group = group
         self.timeout_s = timeout_s
+        self.no_keepalive_timeout_s = no_keepalive_timeout_s
+        self.max_in_flight_orders = max_in_flight_orders
+        self.marker_ttl_s = marker_ttl_s
+        self.tick_s = tick_s
+        self.max_outstanding_seen = 0
+        self._redis = app.backend.client
+        self._backend = app.backend
 
-    def __call__(self, batch: list[Incoming]) -> list[EventOutcome]:
-        pending = [[suggest.apply_async(args=[order_item_payload(i)]) for i in inc.event.items] for inc in batch]
-        deadline = time.monotonic() + self.timeout_s
-        outcomes = [outcome_for_event([_collect(r, deadline) for r in results]) for results in pending]
-        for inc, out in zip(batch, outcomes):
-            if out.status != "done":
-                log.warning("event %s[%d]@%d: %s (%s)", inc.topic, inc.partition, inc.offset, out.status, out.reason_code)
+    # -- the round -------------------------------------------------------------------------------
+
+    def __call__(
+        self, batch: list[Incoming], keepalive: Callable[[], None] | None = None
+    ) -> list[EventOutcome]:
+        events = [self._plan(inc) for inc in batch]
+        budget = self.timeout_s if keepalive is not None else self.no_keepalive_timeout_s
+        deadline = time.monotonic() + budget
+        to_send: deque[tuple[_Event, str]] = deque()
+        outstanding: dict[str, _Event] = {}
+        marker_checked = time.monotonic()
+        halt: EventOutcome | None = None
+        while halt is None:
+            self._start_ready(events, to_send)
+            while to_send and len(outstanding) < self.max_in_flight_orders:
+                event, tid = to_send.popleft()
+                if event.outcome is None:
+                    self._send(tid, event.orders[tid])
+                    outstanding[tid] = event
+            self.max_outstanding_seen = max(self.max_outstanding_seen, len(outstanding))
+            if all(e.outcome is not None for e in events) or time.monotonic() >= deadline:
+                break
+            progressed = False
+            for tid, result in self._ready(list(outstanding)).items():
+                event = outstanding.pop(tid)
+                progressed = True
+                if event.outcome is not None:  # decided already (another order was not final)
+                    if result.get("status") not in FINAL_STATUSES:
+                        self._forget([tid])
+                    continue
+                halt = self._record(event, tid, result)
+                if halt is not None:
+                    break
+            if time.monotonic() - marker_checked >= _MARKER_CHECK_EVERY_S:
+                marker_checked = time.monotonic()
+                self._resend_lost(outstanding)
+            if keepalive is not None:
+                keepalive()
+            if not progressed:
+                time.sleep(self.tick_s)
+        return self._finish(events, halt)
+
+    def _plan(self, inc: Incoming) -> _Event:
+        orders = {
+            task_id_for(self.group, inc, item.order_id): item for item in unique_orders(inc.event.items)
+        }
+        keys = {f"o:{item.order_id}" for item in orders.values()}
+        if inc.key:
+            keys.add(f"k:{inc.key.hex()}")
+        return _Event(inc, orders, keys)
+
+    def _start_ready(self, events: list[_Event], to_send: deque[tuple[_Event, str]]) -> None:
+        blocking: list[_Event] = []  # earlier events not yet done (or to be retried)
+        for event in events:
+            earlier = [b for b in blocking if b.keys & event.keys]
+            if not event.started and event.outcome is None:
+                if any(b.outcome is not None for b in earlier):  # an earlier one will be retried
+                    event.outcome = EventOutcome(
+                        status="retry", reason_code="after_retried_event", retry_kind="busy"
+                    )
+                elif not earlier:
+                    event.started = True
+                    to_send.extend((event, tid) for tid in event.orders)
+            if event.outcome is None or event.outcome.status == "retry":
+                blocking.append(event)
+
+    def _record(self, event: _Event, tid: str, result: dict[str, Any]) -> EventOutcome | None:
+        """Store one order's result; returns an outcome that ends the whole round, if any."""
+        if result.get("status") in FINAL_STATUSES:
+            event.results[tid] = result
+            if len(event.results) == len(event.orders):
+                event.outcome = outcome_for_event([event.results[t] for t in event.orders])
+            return None
+        self._forget([tid])  # not final: the next attempt runs the order again
+        event.outcome = retry_outcome(result)
+        if event.outcome.retry_kind in ("unavailable", "deployment"):
+            return event.outcome
+        return None
+
+    def _finish(self, events: list[_Event], halt: EventOutcome | None) -> list[EventOutcome]:
+        outcomes = []
+        for event in events:
+            if event.outcome is None and halt is not None:
+                event.outcome = EventOutcome(
+                    status="retry", reason_code=halt.reason_code, retry_kind=halt.retry_kind,
+                    retry_after_s=halt.retry_after_s,
+                )  # fmt: skip
+            elif event.outcome is None:
+                event.outcome = EventOutcome(status="retry", reason_code="still_running", retry_kind="busy")
+            outcomes.append(event.outcome)
+            if event.outcome.status != "done":
+                inc = event.inc
+                log.warning(
+                    "event %s[%d]@%d: %s (%s)", inc.topic, inc.partition, inc.offset, event.outcome.status,
+                    event.outcome.reason_code,
+                )  # fmt: skip
         return outcomes
+
+    # -- Redis -------------------------------------------------------------------------------------
+
+    def _send(self, tid: str, item: OrderItem) -> None:
+        if not self._redis.set(f"ehrw:sent:{tid}", b"1", nx=True, ex=self.marker_ttl_s):
+            return  # sent before (an earlier round, consumer or owner): wait for that one
+        try:
+            # argsrepr/kwargsrepr: no log line may print the order (Celery logs arguments at INFO).
+            suggest.apply_async(
+                args=[order_item_payload(item)], task_id=tid, argsrepr="(order)", kwargsrepr="{}"
+            )
+        except Exception:
+            self._redis.delete(f"ehrw:sent:{tid}")
+            raise
+
+    def _ready(self, tids: list[str]) -> dict[str, dict[str, Any]]:
+        if not tids:
+            return {}
+        raws = self._redis.mget([self._backend.get_key_for_task(t) for t in tids])
+        ready: dict[str, dict[str, Any]] = {}
+        for tid, raw in zip(tids, raws):
+            if raw is None:
+                continue
+            meta = self._backend.decode_result(raw)
+            state = meta.get("status")
+            if state == "SUCCESS" and isinstance(meta.get("result"), dict):
+                ready[tid] = meta["result"]
+            elif state in ("FAILURE", "REVOKED", "SUCCESS"):
+                exc = meta.get("result") if isinstance(meta.get("result"), dict) else {}
+                exc_type = str(exc.get("exc_type") or state)
+                code = "task_timeout" if "TimeLimit" in exc_type else "task_error"
+                ready[tid] = {"status": STATUS_FAILED, "reason_code": code, "error_type": exc_type}
+        return ready
+
+    def _resend_lost(self, outstanding: dict[str, _Event]) -> None:
+        if not outstanding:
+            return
+        tids = list(outstanding)
+        pipe = self._redis.pipeline()
+        for tid in tids:
+            pipe.exists(f"ehrw:sent:{tid}")
+        for tid, exists in zip(tids, pipe.execute()):
+            if not exists:
+                log.warning("task %s vanished from Redis; sending it again", tid)
+                self._send(tid, outstanding[tid].orders[tid])
+
+    def _forget(self, tids: list[str]) -> None:
+        keys: list[Any] = []
+        for tid in tids:
+            keys += [self._backend.get_key_for_task(tid), f"ehrw:sent:{tid}", f"ehrw:runs:{tid}"]
+        if keys:
+            self._redis.delete(*keys)
+
+    def finished(self, incomings: list[Incoming]) -> None:
+        """The consumer committed these events: their results and markers can go."""
+        tids = [
+            task_id_for(self.group, inc, item.order_id)
+            for inc in incomings
+            for item in unique_orders(inc.event.items)
+        ]
+        for start in range(0, len(tids), 500):
+            self._forget(tids[start : start + 500])
 
 
 def build_dispatcher(settings: Settings) -> CeleryDispatcher:
-    """A dispatcher that never outwaits the consumer's group membership (see Settings)."""
-    return CeleryDispatcher(timeout_s=min(settings.task_timeout_s, 0.8 * settings.kafka_max_poll_interval_ms / 1000))
+    """The dispatcher as configured by ``EHRW_*``."""
+    return CeleryDispatcher(
+        group=settings.kafka_group,
+        timeout_s=settings.task_timeout_s,
+        no_keepalive_timeout_s=min(settings.task_timeout_s, 0.8 * settings.kafka_max_poll_interval_ms / 1000),
+        max_in_flight_orders=settings.max_in_flight_orders,
+        # A sent task may wait in an unacknowledged state this long before Redis re-delivers it.
+        marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 60),
+    )
 
 
 def build_consumer(settings: Settings, **overrides: object) -> EventConsumer:
@@ -88,6 +319,13 @@ def build_consumer(settings: Settings, **overrides: object) -> EventConsumer:
         "max_in_flight": settings.max_in_flight,
         "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
         "session_timeout_ms": settings.kafka_session_timeout_ms,
+        "max_attempts": settings.event_max_attempts,
+        "attempts": RedisAttempts(settings.redis_url),
+        "max_event_bytes": settings.max_event_bytes,
+        "dlq_max_bytes": settings.dlq_max_record_bytes,
+        "retry_backoff_s": settings.retry_backoff_s,
+        "retry_backoff_max_s": settings.retry_backoff_max_s,
+        "retry_after_max_s": settings.retry_after_max_s,
     }
     kwargs.update(overrides)
     return EventConsumer(**kwargs)  # type: ignore[arg-type]

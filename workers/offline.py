@@ -56,7 +56,9 @@ def predict_file(
     with _open_out(output_path) as out:
         for start in range(0, len(orders), batch_size):
             chunk = orders[start : start + batch_size]
-            outputs = model.predict([build_model_input(sr) for _, sr in chunk], top_k=top_k)
+            # protocol: only the protocols of the exam each order names (its code) are ranked
+            weights = model.order_weights([sr for _, sr in chunk]) if task == "protocol" else None
+            outputs = model.predict([build_model_input(sr) for _, sr in chunk], top_k=top_k, weights=weights)
             for (order_id, _), output in zip(chunk, outputs):
                 out.write(json.dumps({"id": order_id, **output.to_json()}) + "\n")
                 n += 1

@@ -16,10 +16,12 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from connectors.fhir import FhirClient, FhirPermanentError, entry_status
-from schemas.events import EventRejected, OrderItem, skip_reason, validate_service_request
+from schemas.events import EventRejected, OrderItem, skip_reason, validate_fetched_order
 from schemas.labels import ModelOutput
+from schemas.outcomes import outcome_codes
 from schemas.text import build_model_input, clinical_text, context_references, is_imaging_order
-from schemas.writeback import build_writeback_bundle
+from schemas.writeback import WritebackSchemaError, build_writeback_bundle
+from workers.supersede import VOID_ORDER_REASONS, cancel_open_tasks, write_with_supersede
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,16 @@ def _written_resources(response: dict) -> tuple[dict[str, list[str]], int, int]:
     return written, created, existing
 
 
+def predict_protocol(model: Classifier, sr: dict, text: str, top_k: int) -> ModelOutput:
+    """The protocol model restricted to the protocols of the exam the order names (its code); a
+    classifier without ``order_weights`` (or an order naming no exam) is not restricted."""
+    order_weights = getattr(model, "order_weights", None)
+    weights = order_weights([sr]) if order_weights is not None else None
+    if weights is None:
+        return model.predict([text], top_k=top_k)[0]
+    return model.predict([text], top_k=top_k, weights=weights)[0]  # type: ignore[call-arg]
+
+
 def suggest_for_order(
     item: OrderItem,
     fhir: FhirClient,
@@ -92,8 +104,12 @@ def suggest_for_order(
     enrich_context: bool = True,
     top_k: int = 5,
     recorded: datetime | None = None,
+    fallback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the applicable models on one order and write the suggestions back in one transaction."""
+    """Run the applicable models on one order and write the suggestions back in one transaction.
+
+    ``fallback``: the event's own copy of a referenced order (see :mod:`workers.payload`), used
+    when the server does not hold that version (404/410)."""
     if item.service_request is not None:
         sr = item.service_request
     else:
@@ -101,27 +117,32 @@ def suggest_for_order(
         try:
             sr = fhir.read(item.reference)
         except FhirPermanentError as exc:
-            return {
-                "order": item.reference,
-                "status": "rejected",
-                "reason_code": "order_not_found" if exc.status in (404, 410) else "order_not_readable",
-                "reason": f"The FHIR server answered {exc.status} when reading {item.reference}.",
-                "operation_outcome": exc.operation_outcome,
-            }
-        try:
-            validate_service_request(sr)
+            if fallback is None or exc.status not in (404, 410):
+                return {
+                    "order": item.reference,
+                    "status": "rejected",
+                    "reason_code": "order_not_found" if exc.status in (404, 410) else "order_not_readable",
+                    "reason": f"The FHIR server answered {exc.status} when reading {item.reference}.",
+                    "operation_outcome": outcome_codes(exc.operation_outcome),
+                }
+            sr = fallback  # the server does not hold this version: the event's own (decrypted) copy
+        try:  # exactly the checks an inline order gets, so a fetched order cannot crash the task
+            validate_fetched_order(sr, item.reference)
         except EventRejected as exc:
             return {"order": item.reference, "status": "rejected", "reason_code": exc.code, "reason": exc.message}
         reason = skip_reason(sr)
         if reason:
-            return {"order": order_reference(sr), "status": "skipped", "reason_code": reason}
+            skipped = {"order": order_reference(sr), "status": "skipped", "reason_code": reason}
+            if reason in VOID_ORDER_REASONS:  # a void order withdraws its untouched suggestions
+                skipped["cancelled"] = cancel_open_tasks(fhir, sr["id"], reason)
+            return skipped
 
     order = order_reference(sr)
     context = _fetch_context(fhir, sr) if enrich_context else []
     text = build_model_input(sr, context)
 
     run_protocol, run_diagnosis = applicable_models(sr, context)
-    protocol = models.protocol.predict([text], top_k=top_k)[0] if run_protocol else None
+    protocol = predict_protocol(models.protocol, sr, text, top_k) if run_protocol else None
     diagnosis = models.diagnosis.predict([text], top_k=top_k)[0] if run_diagnosis else None
     outcome: dict[str, Any] = {
         "order": order,
@@ -134,18 +155,25 @@ def suggest_for_order(
         outcome.update(status="no_suggestion", resources={})
         return outcome
 
-    bundle = build_writeback_bundle(sr, protocol, diagnosis, recorded=recorded or datetime.now(timezone.utc))
     try:
-        response = fhir.transaction(bundle)
+        bundle = build_writeback_bundle(sr, protocol, diagnosis, recorded=recorded or datetime.now(timezone.utc))
+    except WritebackSchemaError as exc:
+        log.error("order %s: %s", order, exc)  # loud: every order of this model would fail alike
+        outcome.update(status="rejected", reason_code="invalid_writeback", reason=str(exc)[:500])
+        return outcome
+    try:
+        response = write_with_supersede(fhir, bundle, sr)  # cancels older versions' open Tasks
     except FhirPermanentError as exc:
         outcome.update(
             status="rejected",
             reason_code="fhir_rejected_writeback",
             reason=f"The FHIR server refused the write-back transaction with {exc.status}.",
-            operation_outcome=exc.operation_outcome,
+            operation_outcome=outcome_codes(exc.operation_outcome),
         )
         return outcome
     written, created, existing = _written_resources(response)
     outcome.update(status="written", resources=written, created=created, existing=existing)
+    if response["superseded"]:
+        outcome["superseded"] = response["superseded"]
     log.info("order %s written: %d created, %d already present", order, created, existing)
     return outcome

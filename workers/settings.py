@@ -26,19 +26,19 @@ class Settings(BaseSettings):
     kafka_result_topic: str = "ehr-worker.suggestions"
     # Events in flight at once: the consumer fetches nothing more until these are durable.
     max_in_flight: int = Field(default=32, ge=1, le=10_000)
-    # A batch slower than this gets the consumer evicted from its group, so the dispatcher stops
-    # waiting at 80 % of it and retries the batch. Tansu makes the first group join wait this long,
-    # hence the modest default; on Apache Kafka raise it above the task timeout (e.g. 300000).
+    # The consumer keeps polling (paused) while a batch runs, so this no longer bounds a batch;
+    # Tansu makes the first group join wait this long, hence the modest default.
     kafka_max_poll_interval_ms: int = Field(default=10_000, ge=1_000)
     kafka_session_timeout_ms: int = Field(default=6_000, ge=1_000)
 
     # Celery broker and result backend
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The longest one dispatch round waits for its orders; unfinished ones are collected next round.
     task_timeout_s: float = Field(default=120.0, gt=0)
 
     # FHIR server
     fhir_base_url: str = "http://127.0.0.1:8090/fhir"
-    fhir_auth: Literal["none", "basic", "bearer", "client_credentials"] = "none"
+    fhir_auth: Literal["none", "basic", "bearer", "client_credentials", "smart_backend"] = "none"
     fhir_username: str | None = None
     fhir_password: SecretStr | None = None
     fhir_token: SecretStr | None = None
@@ -50,6 +50,58 @@ class Settings(BaseSettings):
     fhir_max_retries: int = Field(default=4, ge=0)
     # Fetch reasonReference/supportingInfo resources to enrich the model input.
     fhir_enrich_context: bool = True
+
+    # --- Security: transport, SMART Backend Services, task payloads (issue 8; see workers/clients.py) ---
+    # Kafka: every client (consumer, producer, admin) gets these via clients.kafka_client_config.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None  # client certificate (mutual TLS)
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_password: SecretStr | None = None  # of the key file
+    kafka_ssl_check_hostname: bool = True
+    # Redis (Celery broker and results): rediss:// URLs use TLS with these; the password may also
+    # sit in the URL, but here it stays out of URLs that get logged.
+    redis_password: SecretStr | None = None
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    redis_ssl_ca_certs: Path | None = None
+    redis_ssl_certfile: Path | None = None
+    redis_ssl_keyfile: Path | None = None
+    # A blackholed Redis must fail apply_async within seconds, not block it forever.
+    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
+    redis_socket_connect_timeout_s: float = Field(default=5.0, gt=0)
+    # FHIR: SMART Backend Services (fhir_auth=smart_backend) and TLS.
+    fhir_private_key_path: Path | None = None  # PEM, RSA (RS384) or P-384 EC (ES384)
+    fhir_key_id: str | None = None  # the JWT "kid" of the registered public key
+    fhir_jku: str | None = None  # URL of the JWKS holding it, when the server fetches keys
+    fhir_algorithm: Literal["RS384", "ES384"] | None = None  # default: from the key
+    fhir_ca_file: Path | None = None  # CA bundle for a hospital's private PKI
+    # Credentials over http:// are refused except to this machine (127.0.0.1/localhost, the demo).
+    fhir_allow_insecure_http: bool = False
+    # Fernet key encrypting orders carried inline in events while they sit in Redis (workers/payload.py).
+    payload_key: SecretStr | None = None
+
+    # Reliability (issue 8, consumer side: connectors.kafka, connectors.retry, workers.dispatch)
+    # Failed attempts of one event (bugs, timeouts, killed workers) before it is dead-lettered with
+    # reason attempts_exhausted. Outages and deployment problems never spend it.
+    event_max_attempts: int = Field(default=5, ge=1, le=100)
+    # Events above this size are dead-lettered (event_too_large) before parsing.
+    max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Dead letters above this size are sent as a truncated copy with the original's sha256 and size.
+    dlq_max_record_bytes: int = Field(default=1_000_000, ge=64 * 1024)
+    # Orders (not events) queued or running at once per consumer: bounds the Redis queue.
+    max_in_flight_orders: int = Field(default=64, ge=1, le=10_000)
+    retry_backoff_s: float = Field(default=2.0, gt=0)
+    retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    # Retry-After is honoured up to this long (the partition is paused meanwhile, not re-sent).
+    retry_after_max_s: float = Field(default=300.0, gt=0)
+    # Celery limits per order: the soft one reports a timeout (spends the budget), the hard one
+    # kills the child. The broker re-delivers an unacknowledged order after the visibility timeout.
+    task_soft_time_limit_s: float = Field(default=60.0, gt=0)
+    task_hard_time_limit_s: float = Field(default=90.0, gt=0)
+    broker_visibility_timeout_s: int = Field(default=300, ge=10)
 
     # Models
     model_registry: Path = Path("registry")

@@ -32,6 +32,8 @@ from schemas.catalog import PROTOCOL_SYSTEM, PROTOCOLS, protocol_by_display
 from schemas.labels import Label
 
 from . import protocol_kb as kb
+from . import protocol_orders as orders
+from . import protocol_styles as styles
 from .common import Dataset, LabelledOrder, Split, make_rng, service_request
 from .noise import cap, join_list, surface
 
@@ -239,10 +241,14 @@ class Parts:
     hx: list[str] = field(default_factory=list)
     find: list[str] = field(default_factory=list)
     q: str = ""
+    q_raw: str = ""  # the question without its "r/o ..." form
     neg: list[str] = field(default_factory=list)
     facts: list[str] = field(default_factory=list)  # factor mentions (required ones included)
     pmh: list[str] = field(default_factory=list)
     bg: str = ""  # syndromic background (rare-disease phenotype terms), a distractor
+    age: int = 50
+    sex: str = "F"
+    key_required: bool = False  # facts[0] is the scenario's key fact (or the flip factor)
 
 
 def _s(*bits: str, sep: str = ". ") -> str:
@@ -390,7 +396,7 @@ def _render(rng: random.Random, cand: Candidate, pool: str) -> tuple[dict, str]:
     if sc.infant and age <= 1 and rng.random() < 0.8:
         months = rng.randint(1, 11) if age == 0 else rng.randint(12, 23)
 
-    p = Parts()
+    p = Parts(age=age, sex=sex)
     p.demo_required = child_sensitive or hi < 18 or sc.infant
     p.demo = demographics(rng, age, sex, pool, months) if (p.demo_required or rng.random() < 0.85) else ""
 
@@ -403,7 +409,8 @@ def _render(rng: random.Random, cand: Candidate, pool: str) -> tuple[dict, str]:
     p.hx = _pick(rng, hx, 2, 0.6)
     p.find = _pick(rng, find, 3, 0.45)
     if qs and (rng.random() < 0.75 or not (p.sx or p.hx or p.find)):
-        p.q = rng.choice(QUESTION_FORMS[pool]).replace("{q}", rng.choice(qs))
+        p.q_raw = rng.choice(qs)
+        p.q = rng.choice(QUESTION_FORMS[pool]).replace("{q}", p.q_raw)
     # the context that makes the question answerable is always there: a complaint or history
     # when the scenario has them, else findings and the question
     if (sx or hx) and not (p.sx or p.hx):
@@ -415,11 +422,13 @@ def _render(rng: random.Random, cand: Candidate, pool: str) -> tuple[dict, str]:
         if find and not p.find:
             p.find = [rng.choice(find)]
         if qs and not p.q:
-            p.q = rng.choice(QUESTION_FORMS[pool]).replace("{q}", rng.choice(qs))
+            p.q_raw = rng.choice(qs)
+        p.q = rng.choice(QUESTION_FORMS[pool]).replace("{q}", p.q_raw)
     p.neg = _pick(rng, neg, 2, 0.35)
 
     # factors: required (flip / fixed), negated mentions of the ones that matter, distractors
     facts: list[str] = []
+    decisive: list[str] = []
     for factor in kb.FACTORS:
         if factor == "child":
             continue
@@ -427,6 +436,7 @@ def _render(rng: random.Random, cand: Candidate, pool: str) -> tuple[dict, str]:
         present_texts, absent_texts = split_pool(present_texts, pool), split_pool(absent_texts, pool)
         if factor == flip or factor in sc.fixed:
             facts.append(_fill(rng.choice(present_texts), rng, pool))
+            decisive.append(facts[-1])
             continue
         eff = _effect(sc, factor)
         sensitive = eff is not None and eff != sc.protocol
@@ -445,8 +455,12 @@ def _render(rng: random.Random, cand: Candidate, pool: str) -> tuple[dict, str]:
         if rng.random() < kb.DISTRACTOR_P[factor]:
             facts.append(_fill(rng.choice(present_texts), rng, pool))
     rng.shuffle(facts)
+    if decisive:  # the factor that decides the answer first, so that short reasons keep it
+        facts = [decisive[0]] + [x for x in facts if x != decisive[0]]
+        p.key_required = True
     if sc.key:  # the fact that makes this scenario's answer: rendered by every template
         facts.insert(0, rng.choice(take(sc.key)))
+        p.key_required = True
     p.facts = facts
 
     if rng.random() < 0.45:
@@ -463,23 +477,32 @@ def _render(rng: random.Random, cand: Candidate, pool: str) -> tuple[dict, str]:
     reasons = [surface(x, rng) for x in reasons if x]
     notes = [surface(x, rng) for x in notes if x]
 
-    # ordered procedure: usually generic, sometimes the exact protocol, sometimes nothing useful
-    r = rng.random()
-    if r < 0.10:
-        code_text = label
-    elif r < 0.18:
-        code_text = rng.choice(split_pool(kb.GENERIC_ORDERS, pool))
-    elif r < 0.25:
-        code_text = None
-    else:
-        src = sc.protocol if (label != sc.protocol and rng.random() < 0.5) else label
-        code_text = rng.choice(split_pool(kb.ORDER_NAMES[src], pool))
-    sr = service_request(rng, code_text=code_text, reasons=reasons, notes=notes, imaging=True)
+    # many real orders carry the whole indication in the note (reasonCode empty)
+    if reasons and rng.random() < 0.45:
+        notes, reasons = [" ".join(reasons + notes)], []
+    sr = service_request(rng, code_text=_ordered_exam(rng, sc, label, pool), reasons=reasons, notes=notes, imaging=True)
     return sr, f"{pool}:{name}"
 
 
+def _ordered_exam(rng: random.Random, sc: kb.Scenario, label: str, pool: str) -> str | None:
+    """The order's exam name: the label's exam as hospitals name it; when a patient factor changed only
+    the contrast (same modality and region), half the time the exam the clinician first ordered."""
+    src = label
+    if label != sc.protocol and rng.random() < 0.5:
+        a, b = protocol_by_display(label), protocol_by_display(sc.protocol)
+        if (a.modality, a.body_region) == (b.modality, b.body_region):
+            src = sc.protocol
+    r = rng.random()
+    if r < 0.05:
+        return label  # the protocol's own name
+    return orders.exam_name(src, rng, pool, split_pool)
+
+
 def kb_templates(pool: str):
-    return TEMPLATES[pool]
+    """The tidy templates above plus the real-writing styles of ``protocol_styles`` (one-to-three-word
+    reasons, neurology/admission narratives), all as ``fn(parts, rng)``."""
+    styled = tuple((name, (lambda p, r, fn=fn: fn(p, r, pool)), w) for name, fn, w in styles.TEMPLATES[pool])
+    return TEMPLATES[pool] + styled
 
 
 # Rare-disease workup orders: a genetics-style case description in the note (rendered from the HPO
@@ -533,8 +556,7 @@ def _workup_example(rng: random.Random, display: str, pool: str) -> tuple[dict, 
     lead = join_list(hits[:2], rng) if hits else rng.choice(("syndromic features", "genetic syndrome workup"))
     reason = surface(f"{lead}; {q}", rng, abbrev_p=0.2, typo_rate=0.01)
     notes = [surface(x, rng, abbrev_p=0.15, typo_rate=0.01, caps_p=0.0) for x in notes + reasons]
-    r = rng.random()
-    code_text = display if r < 0.1 else (None if r < 0.17 else rng.choice(split_pool(kb.ORDER_NAMES[display], pool)))
+    code_text = display if rng.random() < 0.05 else orders.exam_name(display, rng, pool, split_pool)
     sr = service_request(rng, code_text=code_text, reasons=[reason], notes=notes, imaging=True)
     return sr, f"{pool}:workup-{name}"
 

@@ -23,11 +23,16 @@ def load_splits(task: str, p: Profile, seed: int) -> dict[str, Dataset]:
     if task == "protocol":
         from training.datasets import protocol
 
+        generate = protocol.generate
+        if p.catalog:  # a hospital's own catalog (training.protocol_catalog)
+            from training.protocol_catalog import catalog_generator
+
+            generate = catalog_generator(p.catalog)
         sizes: dict[Split, int] = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
         for split, n in sizes.items():
-            out[split] = protocol.generate(n, seed=seed, split=split)
+            out[split] = generate(n, seed=seed, split=split)
         if heldout:
-            out["calib"] = protocol.generate(p.n_val, seed=seed + CALIBRATION_SEED_OFFSET, split="test")
+            out["calib"] = generate(p.n_val, seed=seed + CALIBRATION_SEED_OFFSET, split="test")
         return out
     if task == "diagnosis":
         from training.datasets import diagnosis

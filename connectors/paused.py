@@ -1,0 +1,90 @@
+"""Waiting without leaving the consumer group: pause every partition, keep polling, seek, resume.
+
+kafka-python evicts a consumer that does not call ``poll()`` within ``max_poll_interval_ms``, and
+a rebalance it causes itself throws away the batch's work. So while a batch is dispatched and
+while the consumer backs off, every assigned partition is paused and ``poll()`` is called every
+:data:`KEEPALIVE_EVERY_S` (a paused poll returns no records but counts as liveness). Afterwards
+each partition is sought to the exact offset to read next, which also discards records
+kafka-python prefetched and parked while the partition was paused, and resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from connectors.outcomes import tp_name
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_EVERY_S = 0.5
+
+
+class PausedPolling:
+    """Pauses, keeps alive and resumes one consumer's partitions (not thread-safe, like the consumer)."""
+
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop or threading.Event()
+        self._last_keepalive = 0.0
+
+    def pause_all(self, consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+        """Pause every assigned partition; returns where each one stands, to resume from there."""
+        positions: dict[TopicPartition, int] = {}
+        assigned = list(consumer.assignment())
+        for tp in assigned:
+            try:
+                positions[tp] = consumer.position(tp, timeout_ms=5000)
+            except Exception as exc:  # noqa: BLE001 - unknown position: resumes from the committed offset
+                log.debug("%s: no position (%s)", tp_name(tp), type(exc).__name__)
+        if assigned:
+            consumer.pause(*assigned)
+        self._last_keepalive = time.monotonic()
+        return positions
+
+    def keepalive(self, consumer: KafkaConsumer, resume_at: dict[TopicPartition, int]) -> None:
+        """Poll while paused so the group does not evict us; a partition assigned meanwhile (a
+        rebalance) is paused too, and what it returned is read again later."""
+        now = time.monotonic()
+        if now - self._last_keepalive < KEEPALIVE_EVERY_S:
+            return
+        self._last_keepalive = now
+        try:
+            polled = consumer.poll(timeout_ms=0)
+        except Exception as exc:  # noqa: BLE001 - the next real poll reports it
+            log.debug("keepalive poll failed (%s)", type(exc).__name__)
+            return
+        for tp, recs in polled.items():
+            resume_at.setdefault(tp, min(r.offset for r in recs))
+            consumer.pause(tp)
+        unpaused = [tp for tp in consumer.assignment() if tp not in consumer.paused()]
+        if unpaused:
+            consumer.pause(*unpaused)
+
+    def wait(self, consumer: KafkaConsumer, seconds: float, resume_at: dict[TopicPartition, int]) -> float:
+        """Wait ``seconds`` (less if stopped) in the group; returns the time waited."""
+        start = time.monotonic()
+        end = start + seconds
+        while not self.stop.is_set() and time.monotonic() < end:
+            self.stop.wait(min(KEEPALIVE_EVERY_S, max(0.0, end - time.monotonic())))
+            self.keepalive(consumer, resume_at)
+        return time.monotonic() - start
+
+    def resume(self, consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        assigned = consumer.assignment()
+        for tp in assigned:
+            if tp not in offsets:
+                continue
+            try:
+                consumer.seek(tp, offsets[tp])
+            except (
+                ValueError,
+                KafkaError,
+                AssertionError,
+            ):  # revoked meanwhile: its new owner reads from the commit
+                log.info("%s no longer assigned; its new owner resumes at the commit", tp_name(tp))
+        if assigned:
+            consumer.resume(*assigned)
