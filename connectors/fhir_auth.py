@@ -189,7 +189,9 @@ class TokenCache:
             variables = "EHRW_FHIR_CLIENT_ID, EHRW_FHIR_CLIENT_SECRET, EHRW_FHIR_SCOPE"
         variables += " and EHRW_FHIR_TOKEN_URL"
         try:
-            resp = http.post(token_url, data=form, auth=basic, headers={"Accept": "application/json"})
+            # auth=None: no Authorization header (the client id and secret are in the form); httpx types omit None
+            resp = http.post(token_url, data=form, auth=basic,  # type: ignore[arg-type]
+                             headers={"Accept": "application/json"})
         except httpx.TransportError as exc:
             raise FhirTransientError(f"token request to {token_url} failed: {type(exc).__name__}") from exc
         if resp.status_code == 429 or resp.status_code >= 500:

@@ -75,7 +75,7 @@ class RedisAttempts:
 
         client_options.setdefault("socket_timeout", 5.0)
         client_options.setdefault("socket_connect_timeout", 5.0)
-        self.client = redis.Redis.from_url(redis_url, **client_options)  # type: ignore[arg-type]
+        self.client = redis.Redis.from_url(redis_url, **client_options)
         self.prefix = prefix
         self.fallback = MemoryAttempts()
 

@@ -85,7 +85,8 @@ def task_payload(item: OrderItem, cipher: Any | None) -> dict[str, Any]:
     reference = f"ServiceRequest/{sr['id']}"
     if isinstance(version, str) and ID_RE.fullmatch(version):
         reference += f"/_history/{version}"
-    payload = {"reference": reference, "idempotency_key": order_idempotency_key(sr), "sealed": seal(sr, cipher)}
+    payload: dict[str, Any] = {"reference": reference, "idempotency_key": order_idempotency_key(sr),
+                               "sealed": seal(sr, cipher)}
     if "/_history/" not in reference:
         payload["use_sealed"] = True  # no version: only the event's own copy is certainly this order
     return payload

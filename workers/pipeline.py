@@ -133,7 +133,7 @@ def suggest_for_order(
             return {"order": item.reference, "status": "rejected", "reason_code": exc.code, "reason": exc.message}
         reason = skip_reason(sr)
         if reason:
-            skipped = {"order": order_reference(sr), "status": "skipped", "reason_code": reason}
+            skipped: dict[str, Any] = {"order": order_reference(sr), "status": "skipped", "reason_code": reason}
             if reason in VOID_ORDER_REASONS:  # a void order withdraws its untouched suggestions
                 skipped["cancelled"] = cancel_open_tasks(fhir, sr["id"], reason)
             return skipped

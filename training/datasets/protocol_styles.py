@@ -58,7 +58,7 @@ def short_reason(p, r: random.Random, pool: str) -> tuple[list[str], list[str]]:
 
 # ------------------------------------------------------------------ neurology / admission narratives
 
-_HAND = {"train": {"M": ("RHM", "LHM", "right-handed man", "R-handed male"), "F": ("RHF", "LHF", "right-handed woman", "R-handed female")},
+_HAND: dict[str, dict[str, tuple[str, ...]]] = {"train": {"M": ("RHM", "LHM", "right-handed man", "R-handed male"), "F": ("RHF", "LHF", "right-handed woman", "R-handed female")},
          "test": {"M": ("right handed male", "left-handed gentleman", "RH man"), "F": ("right handed female", "left-handed lady", "RH woman")}}
 _CHILD = {"M": ("boy",), "F": ("girl",)}
 _WHEN = {"train": ("on {d}", "{n} days prior to admission", "the morning of admission", "{n} weeks ago", "on the evening of {d}",
