@@ -239,7 +239,8 @@ class TextClassifier:
         for row, confidence, alternative in zip(proba, confidences, alternatives):
             top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
             top = top[np.argsort(-row[top], kind="stable")]
-            preds = [self._prediction(i, row[i]) for i in top]
+            # restricted to the ordered exam: the protocols it rules out are not listed
+            preds = [self._prediction(i, row[i]) for i in top if row[i] > 0 or i == top[0]]
             results.append(
                 ModelOutput(
                     task=self.task,

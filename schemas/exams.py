@@ -510,4 +510,84 @@ class ExamMasker:
         return parse_ordered_exam(service_request, self.catalog, self.system)
 
     def weights(self, service_request: dict[str, Any]) -> list[float] | None:
-        return compatible_mask(self.exam(service_request), self.traits)
+        """The ordered exam's label weights, with the indication's cues where the exam leaves a
+        choice open; ``None`` when the order names no exam."""
+        exam = self.exam(service_request)
+        weights = compatible_mask(exam, self.traits)
+        if weights is None:
+            return None
+        return indication_cues(exam, indication_text(service_request), self.traits, weights)
+
+
+# --------------------------------------------------------------------------- what the indication says
+
+# When the order leaves a choice open ("MRI spine", "MRI brain" without contrast named, "CT chest"),
+# well-established cues in the indication favour one branch (ACR Appropriateness Criteria): the
+# spinal segment follows the symptoms; MRI brain is done with and without contrast for tumour,
+# infection, inflammation/demyelination, visual loss, cranial neuropathy and seizure work-up, and
+# without for stroke, dementia, trauma and haemorrhage, or when gadolinium is contraindicated. The
+# other branch keeps CUE_WEIGHT of its probability: the model's reading of the whole text still
+# counts, and nothing the ordered exam allows is removed. Cues on both sides cancel out.
+CUE_WEIGHT = 0.3
+
+_NEGATED = _rx(r"\b(?:no|denies|denied|without|negative\s+for|not)\s+(?:[\w/-]+[\s,]+){0,2}?[\w/-]+")
+_CERVICAL = _rx(r"\bneck\b|cervical|\barms?\b|\bhands?\b|finger|thumb|triceps|biceps|\bc[2-8]\b|hoffmann|myelopath|"
+                r"spurling|buttoning|grip|upper\s+extremit|\bue\b|shoulder\s+blade|radiat\w*\s+(?:down|to|into)\s+(?:the\s+)?"
+                r"(?:right\s+|left\s+|r\s+|l\s+)?arm")
+_LUMBAR = _rx(r"low(?:er)?\s+back|\blbp\b|lumbar|lumbosacral|sciatica|\blegs?\b|\bfoot\b|\bfeet\b|buttock|thigh|\bcalf\b|"
+              r"saddle|cauda|\bl[1-5]\b|\bs1\b|foot\s+drop|claudication|\bback\s+pain|urinary\s+retention|lower\s+extremit")
+_WWO_BRAIN = _rx(r"tumou?r|\bmass\b|neoplas|metasta|\bmets\b|cancer|carcinoma|malignan|lymphoma|glioma|\bgbm\b|"
+                 r"meningioma|adenoma|pituitary|prolactin|sella|acoustic|schwannoma|hearing\s+loss|\bsnhl\b|tinnitus|"
+                 r"\bms\b|multiple\s+sclerosis|demyelin|optic\s+neuritis|vision\s+loss|visual\s+(?:loss|field)|"
+                 r"papilledema|\brapd\b|diplopia|seizure|epilep|convuls|\bgtc\b|infection|abscess|encephalitis|"
+                 r"meningitis|\bhiv\b|immunocomp|immunosupp|toxo|trigeminal|cranial\s+nerve|facial\s+(?:numbness|palsy)|"
+                 r"\bcn\s+[ivx]+\b|enhanc|\bnf1\b|tuberous|hippel|\bhht\b|leptomening|sarcoid|vasculitis")
+_WO_BRAIN = _rx(r"stroke|infarct|\btia\b|\bcva\b|dementia|memory|cognitive|alzheimer|atrophy|\bnph\b|trauma|"
+                r"concussion|hemorrhage|haemorrhage|\bbleed|developmental\s+delay|autism|hypoxic|"
+                r"pregnan|dialysis|\begfr\s*(?:of\s*)?[12]\d\b|renal\s+failure|gadolinium\s+allergy|allergy\s+to\s+gad")
+_PE = _rx(r"\bpe\b|pulmonary\s+embol|d-?dimer|wells|\bdvt\b|hypox|tachycard|pleuritic")
+_STONE = _rx(r"stone|nephrolith|urolith|renal\s+colic|\bcalcul|flank\s+pain|hematuria")
+_PREGNANT = _rx(r"pregnan|\bhcg\b|\bivf\b|ectopic|gestation|\bweeks?\s+by\s+lmp|\biup\b|\bg\d\s*p\d|trimester|fetal")
+
+
+def indication_text(service_request: dict[str, Any]) -> str:
+    """The indication (reasons and notes) with negated phrases ("no neck pain") removed."""
+    texts = [c.get("text") for c in service_request.get("reasonCode") or [] if isinstance(c, dict)]
+    texts += [c.get("display") for r in service_request.get("reasonCode") or [] if isinstance(r, dict)
+              for c in r.get("coding") or [] if isinstance(c, dict)]
+    texts += [n.get("text") for n in service_request.get("note") or [] if isinstance(n, dict)]
+    return _NEGATED.sub(" ", " ".join(clean_text(t) for t in texts if isinstance(t, str)))
+
+
+def indication_cues(exam: OrderedExam, text: str, traits: Sequence[ProtocolTraits], weights: list[float]) -> list[float]:
+    """``weights`` (the ordered exam's, see :func:`compatible_mask`) with the indication's cues applied."""
+    if not text:
+        return weights
+
+    def favour(test) -> None:
+        allowed = [w > 0 for w in weights]
+        keep = [a and bool(test(t)) for a, t in zip(allowed, traits)]
+        if any(keep) and any(a and not k for a, k in zip(allowed, keep)):
+            weights[:] = [w if k or not a else w * CUE_WEIGHT for w, a, k in zip(weights, allowed, keep)]
+
+    def one_sided(yes: re.Pattern[str], no: re.Pattern[str]) -> int:
+        a, b = bool(yes.search(text)), bool(no.search(text))
+        return 1 if a and not b else (-1 if b and not a else 0)
+
+    regions = {t.body_region for t, w in zip(traits, weights) if w > 0}
+    if {"cervical-spine", "lumbar-spine"} <= regions:
+        side = one_sided(_CERVICAL, _LUMBAR)
+        if side:
+            favour(lambda t: t.body_region == ("cervical-spine" if side > 0 else "lumbar-spine"))
+    if exam.modality == "MR" and exam.contrast is None and regions & {"brain", "head"}:
+        side = one_sided(_WWO_BRAIN, _WO_BRAIN)
+        if side:
+            favour(lambda t: t.contrast == ("with-and-without" if side > 0 else "none"))
+    if exam.modality == "CT" and "chest" in regions and not exam.angio and _PE.search(text) and exam.contrast != WITHOUT:
+        favour(lambda t: t.angio)
+    if exam.modality == "CT" and "abdomen-pelvis" in regions and exam.contrast != WITH and _STONE.search(text):
+        favour(lambda t: _hint_matches("stone", t))
+    if exam.modality == "US" and "gravid-uterus" in regions and len(regions) > 1:
+        pregnant = bool(_PREGNANT.search(text))
+        favour(lambda t: (t.body_region == "gravid-uterus") == pregnant)
+    return weights
