@@ -16,8 +16,9 @@ laterality to filter on.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 from schemas.catalog import LOINC_SYSTEM, PROTOCOL_SYSTEM, PROTOCOLS, Protocol
@@ -209,7 +210,11 @@ _BILATERAL = _rx(r"\bbilat\w*|\bboth\b|\bbil\b|\bb/l\b")
 
 def parse_exam_text(text: str) -> OrderedExam:
     """Structure from an exam name as hospitals write it ("CT ABD/PELVIS W CONTRAST")."""
-    text = clean_text(text)
+    return _parse_exam_text(clean_text(text))
+
+
+@lru_cache(maxsize=8192)  # a hospital's order catalog repeats the same few hundred names
+def _parse_exam_text(text: str) -> OrderedExam:
     if not text:
         return OrderedExam()
     modality = next((m for m, rx in _MODALITY_PATTERNS if rx.search(text)), None)
@@ -505,6 +510,7 @@ class ExamMasker:
         self.catalog = tuple(catalog)
         self.system = system
         self.traits = catalog_traits(self.catalog)
+        self._masks: dict[OrderedExam, list[float] | None] = {}
 
     def exam(self, service_request: dict[str, Any]) -> OrderedExam:
         return parse_ordered_exam(service_request, self.catalog, self.system)
@@ -513,10 +519,14 @@ class ExamMasker:
         """The ordered exam's label weights, with the indication's cues where the exam leaves a
         choice open; ``None`` when the order names no exam."""
         exam = self.exam(service_request)
-        weights = compatible_mask(exam, self.traits)
+        if exam not in self._masks:
+            if len(self._masks) > 8192:
+                self._masks.clear()
+            self._masks[exam] = compatible_mask(exam, self.traits)
+        weights = self._masks[exam]
         if weights is None:
             return None
-        return indication_cues(exam, indication_text(service_request), self.traits, weights)
+        return indication_cues(exam, lambda: indication_text(service_request), self.traits, list(weights))
 
 
 # --------------------------------------------------------------------------- what the indication says
@@ -559,8 +569,18 @@ def indication_text(service_request: dict[str, Any]) -> str:
     return _NEGATED.sub(" ", " ".join(clean_text(t) for t in texts if isinstance(t, str)))
 
 
-def indication_cues(exam: OrderedExam, text: str, traits: Sequence[ProtocolTraits], weights: list[float]) -> list[float]:
-    """``weights`` (the ordered exam's, see :func:`compatible_mask`) with the indication's cues applied."""
+def indication_cues(exam: OrderedExam, text: str | Callable[[], str], traits: Sequence[ProtocolTraits],
+                    weights: list[float]) -> list[float]:
+    """``weights`` (the ordered exam's, see :func:`compatible_mask`) with the indication's cues applied.
+    ``text`` may be a function: the indication is only read when the exam leaves a choice open."""
+    regions = {t.body_region for t, w in zip(traits, weights) if w > 0}
+    open_choice = ({"cervical-spine", "lumbar-spine"} <= regions
+                   or (exam.modality == "MR" and exam.contrast is None and regions & {"brain", "head"})
+                   or (exam.modality == "CT" and regions & {"chest", "abdomen-pelvis"})
+                   or (exam.modality == "US" and "gravid-uterus" in regions and len(regions) > 1))
+    if not open_choice:
+        return weights
+    text = text() if callable(text) else text
     if not text:
         return weights
 
@@ -574,7 +594,6 @@ def indication_cues(exam: OrderedExam, text: str, traits: Sequence[ProtocolTrait
         a, b = bool(yes.search(text)), bool(no.search(text))
         return 1 if a and not b else (-1 if b and not a else 0)
 
-    regions = {t.body_region for t, w in zip(traits, weights) if w > 0}
     if {"cervical-spine", "lumbar-spine"} <= regions:
         side = one_sided(_CERVICAL, _LUMBAR)
         if side:
