@@ -228,3 +228,15 @@ def test_weights_renormalise_and_flag_a_confident_excluded_label(protocol):
     assert "alternative_exam" not in plain.to_json()
     # an order naming no exam: no mask
     assert protocol.order_weights([_order("Imaging study", "headache")]) == [None]
+
+
+def test_the_worker_restricts_to_the_ordered_exam(protocol):
+    from schemas.text import build_model_input
+    from workers.pipeline import predict_protocol
+
+    sr = _order("NM myocardial perfusion stress", "chest pain on exertion, r/o ischemia")
+    out = predict_protocol(protocol, sr, build_model_input(sr), top_k=5)
+    assert [p.code for p in out.predictions] == ["NM-MPI"] and out.predictions[0].probability == pytest.approx(1.0)
+    sr = _order("Imaging study", "chest pain on exertion, r/o ischemia")  # names no exam: today's behaviour
+    out = predict_protocol(protocol, sr, build_model_input(sr), top_k=5)
+    assert len(out.predictions) == 5
