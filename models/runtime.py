@@ -296,9 +296,11 @@ class TextClassifier:
         return [masker.weights(sr) for sr in service_requests]
 
 
-# A protocol of another exam than the one ordered is reported as the alternative when the model,
-# unrestricted, gives it at least this probability: the indication clearly calls for that exam.
-ALTERNATIVE_MIN_PROBABILITY = 0.5
+# A protocol of another exam than the one ordered is reported as the alternative only when the
+# indication clearly calls for that exam: the model, unrestricted, gives it at least this probability
+# and all the protocols the ordered exam allows together less than ALTERNATIVE_MAX_ALLOWED_MASS.
+ALTERNATIVE_MIN_PROBABILITY = 0.8
+ALTERNATIVE_MAX_ALLOWED_MASS = 0.1
 
 
 def apply_label_weights(
@@ -327,7 +329,8 @@ def apply_label_weights(
             continue
         outside = np.where(weight <= 0, proba[i], 0.0)
         best = int(outside.argmax())
-        if outside[best] >= ALTERNATIVE_MIN_PROBABILITY:
+        allowed_mass = float(proba[i][weight > 0].sum())
+        if outside[best] >= ALTERNATIVE_MIN_PROBABILITY and allowed_mass < ALTERNATIVE_MAX_ALLOWED_MASS:
             excluded[i] = (best, float(outside[best]))
         proba[i] = masked / total
     return proba, excluded
