@@ -281,7 +281,7 @@ class TextClassifier:
     # -- the ordered exam (protocol models) ---------------------------------------------------
     @property
     def exam_masker(self):
-        """For a protocol model: the :class:`schemas.exams.ExamMasker` over its labels (the
+        """For a protocol model: the :class:`schemas.exam_mask.ExamMasker` over its labels (the
         manifest's ``protocol_catalog`` for a hospital catalog, else the default catalog), or
         ``None`` when the labels' attributes are unknown (then nothing is masked)."""
         if self._masker is False:
@@ -338,7 +338,7 @@ def apply_label_weights(
 
 def _exam_masker(manifest: Manifest, labels: list):
     from schemas.catalog import PROTOCOL_SYSTEM, PROTOCOLS, Protocol
-    from schemas.exams import ExamMasker
+    from schemas.exam_mask import ExamMasker
 
     custom = getattr(manifest, "protocol_catalog", None) or (manifest.model_extra or {}).get("protocol_catalog")
     if custom:

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 
 from schemas.catalog import LOINC_SYSTEM, PROTOCOL_SYSTEM, PROTOCOLS, protocol_by_code
-from schemas.exams import (
-    CPT_SYSTEM,
-    ExamMasker,
-    catalog_traits,
-    compatible_mask,
-    parse_exam_text,
-    parse_ordered_exam,
-)
+from schemas.exam_mask import ExamMasker, catalog_traits, compatible_mask
+from schemas.exams import CPT_SYSTEM, parse_exam_text, parse_ordered_exam
 
 TRAITS = catalog_traits()
 
