@@ -34,8 +34,10 @@ from schemas.labels import Label
 from . import protocol_kb as kb
 from . import protocol_orders as orders
 from . import protocol_styles as styles
+from . import protocol_workup as workup
 from .common import Dataset, LabelledOrder, Split, make_rng, service_request
 from .noise import cap, join_list, surface
+from .protocol_pools import KB_EVERY, QUESTION_FORMS, split_pool
 
 TASK = "protocol"
 
@@ -49,20 +51,6 @@ def _code(display: str) -> str:
     return protocol_by_display(display).code
 
 
-def split_pool(items, pool: str, every: int = 3) -> tuple:
-    """Train/test share of a phrase list: every ``every``-th item (positions every-1, 2*every-1, ...)
-    is test-only; of two items the second, of three the third; a single item is shared."""
-    items = tuple(items)
-    if len(items) <= 1:
-        return items
-    if len(items) == 2:
-        return items[:1] if pool == "train" else items[1:]
-    if len(items) == 3:
-        return items[:2] if pool == "train" else items[2:]
-    return tuple(x for i, x in enumerate(items) if (i % every == every - 1) == (pool == "test"))
-
-
-KB_EVERY = 4  # knowledge-table phrase lists: a quarter of the phrasings is held out for test
 
 
 # ------------------------------------------------------------------------------------------ fillers
@@ -94,12 +82,6 @@ DURATIONS = {
              "ongoing for about 10 days", "starting 3 days ago", "for a fortnight"),
 }
 
-QUESTION_FORMS = {
-    "train": ("r/o {q}", "rule out {q}", "eval for {q}", "concern for {q}", "?{q}", "assess for {q}", "evaluate for {q}",
-              "c/f {q}", "{q}", "r/o {q}", "eval {q}", "concerning for {q}"),
-    "test": ("query {q}", "exclude {q}", "question of {q}", "{q}?", "please evaluate for possible {q}", "suspect {q}",
-             "ddx includes {q}", "worried about {q}", "looking for {q}", "? {q} - pls assess"),
-}
 
 _SEX_WORDS = {
     # style key -> (male, female)
@@ -498,12 +480,7 @@ def _ordered_exam(rng: random.Random, sc: kb.Scenario, label: str, pool: str) ->
     return orders.exam_name(src, rng, pool, split_pool)
 
 
-def __getattr__(name: str):
-    if name in ("WORKUP", "WORKUP_SHARE"):  # moved to protocol_workup; kept importable from here
-        from . import protocol_workup
-
-        return getattr(protocol_workup, name)
-    raise AttributeError(name)
+WORKUP, WORKUP_SHARE = workup.WORKUP, workup.WORKUP_SHARE  # rare-disease workup orders (protocol_workup)
 
 
 def kb_templates(pool: str):
@@ -519,8 +496,6 @@ def generate(n: int, *, seed: int = 0, split: Split = "train") -> Dataset:
         raise ValueError("n must be >= 0")
     rng = make_rng(TASK, seed, split)
     pool = "test" if split == "test" else "train"
-    from . import protocol_workup as workup
-
     cands = candidates_by_label()
     items: list[LabelledOrder] = []
     for display, count in allocate(n, rng).items():

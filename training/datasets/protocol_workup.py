@@ -13,7 +13,7 @@ from . import protocol_kb as kb
 from . import protocol_orders as orders
 from .common import service_request
 from .noise import join_list, surface
-from .protocol import KB_EVERY, QUESTION_FORMS, split_pool
+from .protocol_pools import KB_EVERY, QUESTION_FORMS, split_pool
 
 # Rare-disease workup orders: a genetics-style case description in the note (rendered from the HPO
 # annotations by ``diagnosis``), the imaging question in the reason. protocol -> (organ system of
