@@ -239,7 +239,8 @@ class TextClassifier:
         for row, confidence, alternative in zip(proba, confidences, alternatives):
             top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
             top = top[np.argsort(-row[top], kind="stable")]
-            preds = [self._prediction(i, row[i]) for i in top]
+            # restricted to the ordered exam: the protocols it rules out are not listed
+            preds = [self._prediction(i, row[i]) for i in top if row[i] > 0 or i == top[0]]
             results.append(
                 ModelOutput(
                     task=self.task,
@@ -280,7 +281,7 @@ class TextClassifier:
     # -- the ordered exam (protocol models) ---------------------------------------------------
     @property
     def exam_masker(self):
-        """For a protocol model: the :class:`schemas.exams.ExamMasker` over its labels (the
+        """For a protocol model: the :class:`schemas.exam_mask.ExamMasker` over its labels (the
         manifest's ``protocol_catalog`` for a hospital catalog, else the default catalog), or
         ``None`` when the labels' attributes are unknown (then nothing is masked)."""
         if self._masker is False:
@@ -295,9 +296,11 @@ class TextClassifier:
         return [masker.weights(sr) for sr in service_requests]
 
 
-# A protocol of another exam than the one ordered is reported as the alternative when the model,
-# unrestricted, gives it at least this probability: the indication clearly calls for that exam.
-ALTERNATIVE_MIN_PROBABILITY = 0.5
+# A protocol of another exam than the one ordered is reported as the alternative only when the
+# indication clearly calls for that exam: the model, unrestricted, gives it at least this probability
+# and all the protocols the ordered exam allows together less than ALTERNATIVE_MAX_ALLOWED_MASS.
+ALTERNATIVE_MIN_PROBABILITY = 0.8
+ALTERNATIVE_MAX_ALLOWED_MASS = 0.1
 
 
 def apply_label_weights(
@@ -326,7 +329,8 @@ def apply_label_weights(
             continue
         outside = np.where(weight <= 0, proba[i], 0.0)
         best = int(outside.argmax())
-        if outside[best] >= ALTERNATIVE_MIN_PROBABILITY:
+        allowed_mass = float(proba[i][weight > 0].sum())
+        if outside[best] >= ALTERNATIVE_MIN_PROBABILITY and allowed_mass < ALTERNATIVE_MAX_ALLOWED_MASS:
             excluded[i] = (best, float(outside[best]))
         proba[i] = masked / total
     return proba, excluded
@@ -334,7 +338,7 @@ def apply_label_weights(
 
 def _exam_masker(manifest: Manifest, labels: list):
     from schemas.catalog import PROTOCOL_SYSTEM, PROTOCOLS, Protocol
-    from schemas.exams import ExamMasker
+    from schemas.exam_mask import ExamMasker
 
     custom = getattr(manifest, "protocol_catalog", None) or (manifest.model_extra or {}).get("protocol_catalog")
     if custom:

@@ -1,8 +1,8 @@
 """The ordered exam as structure: an order's code -> modality, body region, laterality, contrast and
-any protocol it already names, and which catalog protocols are compatible with it.
+any protocol it already names.
 
 Protocoling decides *how* to perform the exam that was ordered; it does not change the exam. So the
-protocol model scores only the protocols compatible with the ordered exam (``compatible_mask``),
+protocol model scores only the protocols compatible with the ordered exam (``schemas.exam_mask``),
 and an order that names no exam (no code, or "Imaging study") keeps every protocol.
 
 Sources, most specific first: CPT codes (AMA CPT radiology and echo ranges: facts), a few LOINC and
@@ -16,8 +16,9 @@ laterality to filter on.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 from schemas.catalog import LOINC_SYSTEM, PROTOCOL_SYSTEM, PROTOCOLS, Protocol
@@ -209,7 +210,11 @@ _BILATERAL = _rx(r"\bbilat\w*|\bboth\b|\bbil\b|\bb/l\b")
 
 def parse_exam_text(text: str) -> OrderedExam:
     """Structure from an exam name as hospitals write it ("CT ABD/PELVIS W CONTRAST")."""
-    text = clean_text(text)
+    return _parse_exam_text(clean_text(text))
+
+
+@lru_cache(maxsize=8192)  # a hospital's order catalog repeats the same few hundred names
+def _parse_exam_text(text: str) -> OrderedExam:
     if not text:
         return OrderedExam()
     modality = next((m for m, rx in _MODALITY_PATTERNS if rx.search(text)), None)
@@ -414,100 +419,3 @@ def merge(coded: OrderedExam, text: OrderedExam) -> OrderedExam:
         angio=coded.angio or text.angio,
         hints=coded.hints | text.hints,
     )
-
-
-# --------------------------------------------------------------------------- compatibility
-
-
-@dataclass(frozen=True)
-class ProtocolTraits:
-    """What compatibility needs to know of one label: the catalog's attributes plus its words."""
-
-    code: str
-    modality: str
-    body_region: str
-    contrast: str
-    words: str = ""  # lower-cased display + code, for hints and angiography
-    angio: bool = False
-
-    @classmethod
-    def of(cls, p: Protocol) -> ProtocolTraits:
-        words = f"{p.display} {p.code}".lower()
-        return cls(p.code, p.modality, p.body_region, p.contrast, words, bool(re.search(r"\bcta\b|angio", words)))
-
-
-_CONTRAST_OK: dict[str, frozenset[str]] = {
-    WITHOUT: frozenset({"none", "n/a"}),
-    WITH: frozenset({"with", "with-and-without", "n/a"}),
-    WITH_AND_WITHOUT: frozenset({"with-and-without", "with", "n/a"}),
-}
-
-
-def _hint_matches(hint: str, traits: ProtocolTraits) -> bool:
-    return any(re.search(rf"\b{re.escape(w)}\b", traits.words) for w in HINT_WORDS.get(hint, ()))
-
-
-# A protocol of the ordered modality and region whose contrast (or named variant) differs from what
-# the order says keeps this share of its probability: the order's "W/WO" is strong evidence, but a
-# radiologist may still protocol the exam otherwise, so it stays in the ranked list.
-SOFT_MISMATCH_WEIGHT = 0.2
-
-
-def compatible_mask(exam: OrderedExam, traits: Sequence[ProtocolTraits]) -> list[float] | None:
-    """A weight per label for the ordered exam (0: incompatible, 1: compatible, in between: the
-    modality and region fit but the contrast or named variant does not), or ``None`` when the order
-    names no exam (no mask).
-
-    Filters apply in order - modality, region, angiography (hard), then contrast and the protocol
-    words the order names (soft) - and a filter that would leave nothing is skipped: an order for an
-    exam the catalog lacks, such as "MRI thoracic spine", still gets the nearest protocols."""
-    if exam.protocol is not None:
-        weights = [1.0 if t.code == exam.protocol else 0.0 for t in traits]
-        return weights if any(weights) else None
-    if not exam.names_exam:
-        return None
-    weights = [1.0] * len(traits)
-
-    def narrow(test, *, soft: bool = False) -> None:
-        nonlocal weights
-        keep = [w > 0 and bool(test(t)) for w, t in zip(weights, traits)]
-        if not any(keep):
-            return
-        if soft:
-            weights = [w if k else w * SOFT_MISMATCH_WEIGHT for w, k in zip(weights, keep)]
-        else:
-            weights = [w if k else 0.0 for w, k in zip(weights, keep)]
-
-    if exam.modality:
-        narrow(lambda t: t.modality == exam.modality)
-    if exam.regions:
-        covered = frozenset().union(*(ORDER_REGIONS.get(r, frozenset({r})) for r in exam.regions))
-        narrow(lambda t: t.body_region in covered)
-    if exam.angio:
-        narrow(lambda t: t.angio)
-    elif exam.modality in ("CT", "MR") and exam.contrast == WITHOUT:
-        narrow(lambda t: not t.angio)
-    if exam.contrast:
-        narrow(lambda t: t.contrast in _CONTRAST_OK[exam.contrast], soft=True)
-    for hint in sorted(exam.hints):
-        narrow(lambda t, h=hint: _hint_matches(h, t), soft=True)
-    return None if all(w == 1.0 for w in weights) else weights
-
-
-def catalog_traits(catalog: Iterable[Protocol] = PROTOCOLS) -> list[ProtocolTraits]:
-    return [ProtocolTraits.of(p) for p in catalog]
-
-
-class ExamMasker:
-    """Weights over one model's labels (``catalog`` in label order) for each order it protocols."""
-
-    def __init__(self, catalog: Sequence[Protocol], system: str = PROTOCOL_SYSTEM):
-        self.catalog = tuple(catalog)
-        self.system = system
-        self.traits = catalog_traits(self.catalog)
-
-    def exam(self, service_request: dict[str, Any]) -> OrderedExam:
-        return parse_ordered_exam(service_request, self.catalog, self.system)
-
-    def weights(self, service_request: dict[str, Any]) -> list[float] | None:
-        return compatible_mask(self.exam(service_request), self.traits)

@@ -194,7 +194,7 @@ def test_workup_orders_carry_a_rare_disease_note(train):
 
 def test_the_ordered_exam_always_allows_the_label():
     # training never teaches an order the worker's mask would contradict
-    from schemas.exams import ExamMasker
+    from schemas.exam_mask import ExamMasker
 
     masker = ExamMasker(PROTOCOLS)
     index = {p.code: i for i, p in enumerate(PROTOCOLS)}

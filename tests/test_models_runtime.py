@@ -218,14 +218,19 @@ def test_weights_renormalise_and_flag_a_confident_excluded_label(protocol):
     import numpy as np
 
     n = len(protocol.labels)
-    proba = np.full((1, n), 0.1 / (n - 1))
-    proba[0, 0] = 0.9  # the model is sure of label 0 ...
+    proba = np.full((1, n), 0.05 / (n - 1))
+    proba[0, 0] = 0.95  # the model is sure of label 0 ...
     weights = [[0.0] + [1.0] * (n - 1)]  # ... which the ordered exam does not allow
     (out,) = protocol.outputs_from_proba(proba, top_k=3, weights=weights)
     assert out.predictions[0].code != protocol.labels[0].code
     assert abs(out.predictions[0].probability - 1 / (n - 1)) < 1e-4
     assert out.alternative is not None and out.alternative.code == protocol.labels[0].code
-    assert out.alternative.probability == pytest.approx(0.9)
+    assert out.alternative.probability == pytest.approx(0.95)
+    # merely likely is not "clearly another exam": nothing is flagged
+    unsure = np.full((1, n), 0.4 / (n - 1))
+    unsure[0, 0] = 0.6
+    (out_unsure,) = protocol.outputs_from_proba(unsure, top_k=3, weights=weights)
+    assert out_unsure.alternative is None
     assert out.to_json()["alternative_exam"]["code"] == protocol.labels[0].code
     # no weights: exactly today's behaviour
     (plain,) = protocol.outputs_from_proba(proba, top_k=3)
@@ -233,3 +238,15 @@ def test_weights_renormalise_and_flag_a_confident_excluded_label(protocol):
     assert "alternative_exam" not in plain.to_json()
     # an order naming no exam: no mask
     assert protocol.order_weights([_order("Imaging study", "headache")]) == [None]
+
+
+def test_the_worker_restricts_to_the_ordered_exam(protocol):
+    from schemas.text import build_model_input
+    from workers.pipeline import predict_protocol
+
+    sr = _order("NM myocardial perfusion stress", "chest pain on exertion, r/o ischemia")
+    out = predict_protocol(protocol, sr, build_model_input(sr), top_k=5)
+    assert [p.code for p in out.predictions] == ["NM-MPI"] and out.predictions[0].probability == pytest.approx(1.0)
+    sr = _order("Imaging study", "chest pain on exertion, r/o ischemia")  # names no exam: today's behaviour
+    out = predict_protocol(protocol, sr, build_model_input(sr), top_k=5)
+    assert len(out.predictions) == 5

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 
 from schemas.catalog import LOINC_SYSTEM, PROTOCOL_SYSTEM, PROTOCOLS, protocol_by_code
-from schemas.exams import (
-    CPT_SYSTEM,
-    ExamMasker,
-    catalog_traits,
-    compatible_mask,
-    parse_exam_text,
-    parse_ordered_exam,
-)
+from schemas.exam_mask import ExamMasker, catalog_traits, compatible_mask
+from schemas.exams import CPT_SYSTEM, parse_exam_text, parse_ordered_exam
 
 TRAITS = catalog_traits()
 
@@ -140,3 +134,60 @@ def allowed_for(sr: dict) -> set[str]:
     weights = ExamMasker(PROTOCOLS).weights(sr)
     assert weights is not None
     return {p.code for p, w in zip(PROTOCOLS, weights) if w > 0}
+
+
+def _order(code_text: str, note: str) -> dict:
+    return {"resourceType": "ServiceRequest", "id": "x", "code": {"text": code_text}, "note": [{"text": note}]}
+
+
+def favoured(code_text: str, note: str) -> set[str]:
+    weights = ExamMasker(PROTOCOLS).weights(_order(code_text, note))
+    assert weights is not None
+    top = max(weights)
+    return {p.code for p, w in zip(PROTOCOLS, weights) if w == top}
+
+
+@pytest.mark.parametrize(
+    ("note", "segment"),
+    [
+        ("neck pain radiating down the right arm with numbness in the thumb", "MR-CSPINE"),
+        ("arm numbness", "MR-CSPINE"),
+        ("progressive hand clumsiness, positive Hoffmann sign, r/o cervical myelopathy", "MR-CSPINE"),
+        ("low back pain", "MR-LSPINE"),
+        ("sciatica L leg x 6 wks", "MR-LSPINE"),
+        ("LBP radiating to the buttock, no neck pain", "MR-LSPINE"),
+        ("saddle anesthesia and urinary retention", "MR-LSPINE"),
+    ],
+)
+def test_spinal_segment_follows_the_symptoms(note, segment):
+    assert favoured("MRI spine", note) == {segment}
+    assert allowed("MRI spine") == {"MR-CSPINE", "MR-LSPINE"}  # the other segment stays listed
+
+
+@pytest.mark.parametrize(
+    ("note", "protocol"),
+    [
+        ("brain tumor follow-up", "MR-BRAIN-WWO"),
+        ("new onset seizure", "MR-BRAIN-WWO"),
+        ("optic neuritis, painful vision loss", "MR-BRAIN-WWO"),
+        ("MS, new numbness", "MR-BRAIN-WWO"),
+        ("fever, headache, r/o brain abscess", "MR-BRAIN-WWO"),
+        ("metastatic lung cancer, new headache", "MR-BRAIN-WWO"),
+        ("acute stroke symptoms, CT negative for bleed", "MR-BRAIN-WO"),
+        ("memory loss, r/o dementia", "MR-BRAIN-WO"),
+        ("head trauma with persistent symptoms", "MR-BRAIN-WO"),
+        ("seizure work-up, 20 weeks pregnant", None),  # cues on both sides: the model decides
+    ],
+)
+def test_contrast_follows_the_indication(note, protocol):
+    expected = {protocol} if protocol else {"MR-BRAIN-WO", "MR-BRAIN-WWO"}
+    assert favoured("MRI BRAIN", note) == expected
+    # a contrast named in the order is not overridden by the cues
+    assert favoured("MRI BRAIN W/WO", note) == {"MR-BRAIN-WWO"}
+
+
+def test_other_indication_cues():
+    assert favoured("CT CHEST W CONTRAST", "SOB, positive D-dimer, r/o PE") == {"CTA-CHEST-PE"}
+    assert favoured("CT ABD/PELVIS", "R flank pain and hematuria, h/o stones") == {"CT-ABDPEL-WO-STONE"}
+    assert favoured("US PELVIS", "positive hCG, pain, r/o ectopic") == {"US-OB"}
+    assert favoured("US PELVIS", "postmenopausal bleeding") == {"US-PELVIS"}

@@ -1,5 +1,5 @@
 """Protocol model: calibration and evaluation on what the worker serves - probabilities restricted to
-the protocols of the ordered exam (``schemas.exams``, ``models.runtime.apply_label_weights``).
+the protocols of the ordered exam (``schemas.exam_mask``, ``models.runtime.apply_label_weights``).
 
 - ``calibrate_on_exams``: keeps the temperature fitted on the raw logits, refits the abstention
   threshold on the exam-restricted probabilities (for the target precision, 95 % by default).
@@ -20,7 +20,7 @@ import numpy as np
 
 from models.runtime import apply_label_weights, softmax
 from schemas.catalog import PROTOCOL_SYSTEM, PROTOCOLS, Protocol
-from schemas.exams import ExamMasker
+from schemas.exam_mask import ExamMasker
 from training.stages import TaskData
 
 SHORT_MAX_WORDS = 3

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
 
 from schemas.catalog import PROTOCOL_SYSTEM, PROTOCOLS, protocol_by_display
 from schemas.labels import Label
@@ -34,8 +34,10 @@ from schemas.labels import Label
 from . import protocol_kb as kb
 from . import protocol_orders as orders
 from . import protocol_styles as styles
+from . import protocol_workup as workup
 from .common import Dataset, LabelledOrder, Split, make_rng, service_request
 from .noise import cap, join_list, surface
+from .protocol_pools import KB_EVERY, QUESTION_FORMS, split_pool
 
 TASK = "protocol"
 
@@ -49,20 +51,6 @@ def _code(display: str) -> str:
     return protocol_by_display(display).code
 
 
-def split_pool(items, pool: str, every: int = 3) -> tuple:
-    """Train/test share of a phrase list: every ``every``-th item (positions every-1, 2*every-1, ...)
-    is test-only; of two items the second, of three the third; a single item is shared."""
-    items = tuple(items)
-    if len(items) <= 1:
-        return items
-    if len(items) == 2:
-        return items[:1] if pool == "train" else items[1:]
-    if len(items) == 3:
-        return items[:2] if pool == "train" else items[2:]
-    return tuple(x for i, x in enumerate(items) if (i % every == every - 1) == (pool == "test"))
-
-
-KB_EVERY = 4  # knowledge-table phrase lists: a quarter of the phrasings is held out for test
 
 
 # ------------------------------------------------------------------------------------------ fillers
@@ -94,12 +82,6 @@ DURATIONS = {
              "ongoing for about 10 days", "starting 3 days ago", "for a fortnight"),
 }
 
-QUESTION_FORMS = {
-    "train": ("r/o {q}", "rule out {q}", "eval for {q}", "concern for {q}", "?{q}", "assess for {q}", "evaluate for {q}",
-              "c/f {q}", "{q}", "r/o {q}", "eval {q}", "concerning for {q}"),
-    "test": ("query {q}", "exclude {q}", "question of {q}", "{q}?", "please evaluate for possible {q}", "suspect {q}",
-             "ddx includes {q}", "worried about {q}", "looking for {q}", "? {q} - pls assess"),
-}
 
 _SEX_WORDS = {
     # style key -> (male, female)
@@ -122,9 +104,9 @@ DEMOGRAPHICS = {
 }
 
 
-_FEMALE_ONLY = re.compile(r"postpartum|\bocps?\b|pregnan|menses|menstru|ovar|uter|hysterect|endometri|cervical ca", re.I)
-_CHILDBEARING = re.compile(r"postpartum|\bocps?\b", re.I)
-_MALE_ONLY = re.compile(r"prostat|\bpsa\b|testic|\bbph\b|scrot", re.I)
+_FEMALE_ONLY = re.compile(r"postpartum|\bocps?\b|pregnan|menses|menstru|ovar|uter|hysterect|endometri|cervical ca", re.IGNORECASE)
+_CHILDBEARING = re.compile(r"postpartum|\bocps?\b", re.IGNORECASE)
+_MALE_ONLY = re.compile(r"prostat|\bpsa\b|testic|\bbph\b|scrot", re.IGNORECASE)
 
 
 def _fits(phrase: str, sex: str, age: int) -> bool:
@@ -498,67 +480,14 @@ def _ordered_exam(rng: random.Random, sc: kb.Scenario, label: str, pool: str) ->
     return orders.exam_name(src, rng, pool, split_pool)
 
 
+WORKUP, WORKUP_SHARE = workup.WORKUP, workup.WORKUP_SHARE  # rare-disease workup orders (protocol_workup)
+
+
 def kb_templates(pool: str):
     """The tidy templates above plus the real-writing styles of ``protocol_styles`` (one-to-three-word
     reasons, neurology/admission narratives), all as ``fn(parts, rng)``."""
     styled = tuple((name, (lambda p, r, fn=fn: fn(p, r, pool)), w) for name, fn, w in styles.TEMPLATES[pool])
     return TEMPLATES[pool] + styled
-
-
-# Rare-disease workup orders: a genetics-style case description in the note (rendered from the HPO
-# annotations by ``diagnosis``), the imaging question in the reason. protocol -> (organ system of
-# ``diagnosis.ORDER_BY_SYSTEM``, knowledge-table scenarios whose questions are used)
-WORKUP: dict[str, tuple[str, tuple[str, ...]]] = {
-    kb.MRB: ("neuro", ("peds_neuro",)),
-    kb.ECHO: ("cardiac", ("syndromic_heart", "murmur")),
-    kb.US_RENAL: ("renal", ("renal_cysts",)),
-    kb.US_ABD: ("abdominal", ("organomegaly",)),
-    kb.CT_CH_WO: ("lung", ("bronchiectasis", "emphysema_young")),
-    kb.US_THY: ("thyroid", ("thyroid_nodule",)),
-}
-WORKUP_SHARE = 0.2  # of the examples of those protocols
-
-
-@lru_cache(maxsize=1)
-def _diseases_by_system() -> dict[str, tuple[str, ...]]:
-    from . import diagnosis as dx
-
-    out: dict[str, list[str]] = {}
-    for d in dx.panel_diseases():
-        system = dx.dominant_system(d.database_id)
-        if system:
-            out.setdefault(system, []).append(d.database_id)
-    return {k: tuple(v) for k, v in out.items()}
-
-
-def workup_questions(display: str, pool: str) -> tuple[str, ...]:
-    ids = WORKUP[display][1]
-    out: list[str] = []
-    for sc in kb.SCENARIOS:
-        if sc.id in ids:
-            out += [q for q in split_pool(sc.q, pool, KB_EVERY) if q not in out]
-    return tuple(out)
-
-
-def _workup_example(rng: random.Random, display: str, pool: str) -> tuple[dict, str]:
-    from . import diagnosis as dx
-
-    system = WORKUP[display][0]
-    candidates = _diseases_by_system().get(system) or _diseases_by_system()["neuro"]
-    db = rng.choice(candidates)
-    terms = dx.hpo.load_terms()
-    case = dx.sample_case(db, rng, pool)
-    if display == kb.MRB and case.age >= 18:
-        case = dx.sample_case(db, rng, pool)
-    hits = [n for n, h in zip(case.features, case.feature_ids) if dx.in_system(terms[h].label.lower(), system)]
-    reasons, notes, name = dx.render_case(case, rng, pool)
-    q = rng.choice(QUESTION_FORMS[pool]).replace("{q}", rng.choice(workup_questions(display, pool)))
-    lead = join_list(hits[:2], rng) if hits else rng.choice(("syndromic features", "genetic syndrome workup"))
-    reason = surface(f"{lead}; {q}", rng, abbrev_p=0.2, typo_rate=0.01)
-    notes = [surface(x, rng, abbrev_p=0.15, typo_rate=0.01, caps_p=0.0) for x in notes + reasons]
-    code_text = display if rng.random() < 0.05 else orders.exam_name(display, rng, pool, split_pool)
-    sr = service_request(rng, code_text=code_text, reasons=[reason], notes=notes, imaging=True)
-    return sr, f"{pool}:workup-{name}"
 
 
 def generate(n: int, *, seed: int = 0, split: Split = "train") -> Dataset:
@@ -574,8 +503,8 @@ def generate(n: int, *, seed: int = 0, split: Split = "train") -> Dataset:
         weights = [c.weight for c in cs]
         code = _code(display)
         for _ in range(count):
-            if display in WORKUP and rng.random() < WORKUP_SHARE:
-                sr, group = _workup_example(rng, display, pool)
+            if display in workup.WORKUP and rng.random() < workup.WORKUP_SHARE:
+                sr, group = workup.workup_example(rng, display, pool)
             else:
                 cand = rng.choices(cs, weights=weights)[0]
                 sr, group = _render(rng, cand, pool)
