@@ -41,7 +41,7 @@ app.conf.update(
     # one kills and replaces the child.
     task_soft_time_limit=_settings.task_soft_time_limit_s,
     task_time_limit=max(_settings.task_hard_time_limit_s, _settings.task_soft_time_limit_s + 5),
-    task_default_queue="ehr-worker",
+    task_default_queue=_settings.celery_queue,
     worker_hijack_root_logger=False,
     timezone="UTC",
 )

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -124,8 +124,10 @@ class CeleryDispatcher:
         max_in_flight_orders: int = 64,
         marker_ttl_s: int = 3600,
         tick_s: float = 0.05,
+        queue: str | None = None,
     ) -> None:
         self.group = group
+        self.queue = queue
         self.timeout_s = timeout_s
         self.no_keepalive_timeout_s = no_keepalive_timeout_s
         self.max_in_flight_orders = max_in_flight_orders
@@ -225,12 +227,9 @@ class CeleryDispatcher:
             elif event.outcome is None:
                 event.outcome = EventOutcome(status="retry", reason_code="still_running", retry_kind="busy")
             outcomes.append(event.outcome)
-            if event.outcome.status != "done":
-                inc = event.inc
-                log.warning(
-                    "event %s[%d]@%d: %s (%s)", inc.topic, inc.partition, inc.offset, event.outcome.status,
-                    event.outcome.reason_code,
-                )  # fmt: skip
+        counts = Counter(f"{o.status}:{o.reason_code}" for o in outcomes if o.status != "done")
+        if counts:
+            log.info("round of %d events: %s", len(events), ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
         return outcomes
 
     # -- Redis -------------------------------------------------------------------------------------
@@ -241,7 +240,7 @@ class CeleryDispatcher:
         try:
             # argsrepr/kwargsrepr: no log line may print the order (Celery logs arguments at INFO).
             suggest.apply_async(
-                args=[order_item_payload(item)], task_id=tid, argsrepr="(order)", kwargsrepr="{}"
+                args=[order_item_payload(item)], task_id=tid, queue=self.queue, argsrepr="(order)", kwargsrepr="{}"
             )
         except Exception:
             self._redis.delete(f"ehrw:sent:{tid}")
@@ -305,6 +304,7 @@ def build_dispatcher(settings: Settings) -> CeleryDispatcher:
         max_in_flight_orders=settings.max_in_flight_orders,
         # A sent task may wait in an unacknowledged state this long before Redis re-delivers it.
         marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 60),
+        queue=settings.celery_queue,
     )
 
 

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: float = Field(default=60.0, gt=0)
     task_hard_time_limit_s: float = Field(default=90.0, gt=0)
     broker_visibility_timeout_s: int = Field(default=300, ge=10)
+    # The Celery queue orders are sent to and workers read (one per deployment sharing a Redis).
+    celery_queue: str = "ehr-worker"
 
     # Models
     model_registry: Path = Path("registry")
