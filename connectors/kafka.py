@@ -289,7 +289,7 @@ class EventConsumer:
         try:
             dispatched = [s for s in slots if s.incoming is not None and s.status is None]
             self._dispatch(consumer, dispatch, dispatched, resume_at)
-            self._spend_budget(slots, dispatched)
+            self._spend_budget(slots)
             next_offsets = self._publish_and_commit(consumer, producer, slots, dispatch)
             self._wait_before_retry(
                 consumer, [s for s in slots if s.status == "retry"], dispatched, resume_at
@@ -427,17 +427,11 @@ class EventConsumer:
     def _attempt_key(self, slot: Slot) -> str:
         return attempt_key(self.group, slot.record.topic, slot.record.partition, slot.record.offset)
 
-    def _spend_budget(self, slots: list[Slot], dispatched: list[Slot]) -> None:
+    def _spend_budget(self, slots: list[Slot]) -> None:
         """Count failed attempts; an event out of budget is dead-lettered (``attempts_exhausted``)."""
-        others_succeeded = any(s.status == "done" for s in dispatched)
         for slot in slots:
-            if slot.status != "retry":
-                continue
-            counts = slot.retry_kind == "event" or (
-                slot.retry_kind == "unavailable" and slot.retry_after_s is None and others_succeeded
-            )
-            if not counts:
-                continue
+            if slot.status != "retry" or slot.retry_kind != "event":
+                continue  # outages, deployment problems and unfinished work never spend the budget
             slot.attempts = self.attempts.add(self._attempt_key(slot))
             if slot.attempts < self.max_attempts:
                 continue
@@ -496,9 +490,9 @@ class EventConsumer:
     def _wait_before_retry(
         self, consumer: KafkaConsumer, retries: list[Slot], dispatched: list[Slot], resume_at: dict
     ) -> None:
-        if any(s.status == "done" for s in dispatched):
-            self.health.recovered()
         kinds = {s.retry_kind for s in retries}
+        if "deployment" not in kinds and any(s.status == "done" for s in dispatched):
+            self.health.recovered()
         if not retries:
             self._backoff.reset()
             return

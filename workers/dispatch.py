@@ -134,6 +134,7 @@ class CeleryDispatcher:
         self.marker_ttl_s = marker_ttl_s
         self.tick_s = tick_s
         self.max_outstanding_seen = 0
+        self._in_flight: set[str] = set()  # task ids sent (or found sent) and not yet seen finished
         self._redis = app.backend.client
         self._backend = app.backend
 
@@ -146,25 +147,32 @@ class CeleryDispatcher:
         budget = self.timeout_s if keepalive is not None else self.no_keepalive_timeout_s
         deadline = time.monotonic() + budget
         to_send: deque[tuple[_Event, str]] = deque()
-        outstanding: dict[str, _Event] = {}
+        mine: dict[str, _Event] = {}  # this round's tasks in flight -> their event
         marker_checked = time.monotonic()
         halt: EventOutcome | None = None
         while halt is None:
             self._start_ready(events, to_send)
-            while to_send and len(outstanding) < self.max_in_flight_orders:
+            # The window counts every task this dispatcher has in flight, earlier rounds' included:
+            # that is what bounds the Redis queue, however the batches are cut.
+            while to_send and len(self._in_flight) < self.max_in_flight_orders:
                 event, tid = to_send.popleft()
                 if event.outcome is None:
                     self._send(tid, event.orders[tid])
-                    outstanding[tid] = event
-            self.max_outstanding_seen = max(self.max_outstanding_seen, len(outstanding))
+                    self._in_flight.add(tid)
+                    mine[tid] = event
+            self.max_outstanding_seen = max(self.max_outstanding_seen, len(self._in_flight))
             if all(e.outcome is not None for e in events) or time.monotonic() >= deadline:
                 break
             progressed = False
-            for tid, result in self._ready(list(outstanding)).items():
-                event = outstanding.pop(tid)
+            for tid, result in self._ready(list(self._in_flight)).items():
+                self._in_flight.discard(tid)
                 progressed = True
-                if event.outcome is not None:  # decided already (another order was not final)
-                    if result.get("status") not in FINAL_STATUSES:
+                event = mine.pop(tid, None)
+                final = result.get("status") in FINAL_STATUSES
+                if event is None or event.outcome is not None:
+                    # An earlier round's task, or its event is decided already: a final result waits
+                    # in Redis for the event's next dispatch; any other is dropped so that one re-runs.
+                    if not final:
                         self._forget([tid])
                     continue
                 halt = self._record(event, tid, result)
@@ -172,7 +180,7 @@ class CeleryDispatcher:
                     break
             if time.monotonic() - marker_checked >= _MARKER_CHECK_EVERY_S:
                 marker_checked = time.monotonic()
-                self._resend_lost(outstanding)
+                self._resend_lost(mine)
             if keepalive is not None:
                 keepalive()
             if not progressed:
@@ -276,6 +284,15 @@ class CeleryDispatcher:
             if not exists:
                 log.warning("task %s vanished from Redis; sending it again", tid)
                 self._send(tid, outstanding[tid].orders[tid])
+        # Earlier rounds' tasks whose marker expired or vanished no longer hold a place in the window.
+        others = [t for t in self._in_flight if t not in outstanding]
+        if others:
+            pipe = self._redis.pipeline()
+            for tid in others:
+                pipe.exists(f"ehrw:sent:{tid}")
+            for tid, exists in zip(others, pipe.execute()):
+                if not exists:
+                    self._in_flight.discard(tid)
 
     def _forget(self, tids: list[str]) -> None:
         keys: list[Any] = []

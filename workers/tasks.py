@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def build_fhir_client(settings: Settings) -> FhirClient:
-    secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
+    secret = lambda s: s.get_secret_value() if s is not None else None
     auth = FhirAuth(
         kind=settings.fhir_auth,
         username=settings.fhir_username,
