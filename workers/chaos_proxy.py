@@ -42,6 +42,13 @@ def poisoned_order(order_id: str, depth: int = 150) -> dict[str, Any]:
     }
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hung up (a killed worker child) is part of the experiment, not news
+
+
 class FaultProxy:
     """``http://127.0.0.1:{port}/fhir`` forwarding to ``upstream`` (a FHIR base URL)."""
 
@@ -58,8 +65,7 @@ class FaultProxy:
         self._poisoned: set[str] = set()
         self._rng = random.Random(0)
         self._http = httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=64))
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", port), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> FaultProxy:
