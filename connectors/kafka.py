@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
@@ -64,7 +64,7 @@ from connectors.outcomes import (
     Slot,
     tp_name,
 )
-from connectors.paused import PausedPolling
+from connectors.paused import LoggingRebalanceListener, PausedPolling
 from connectors.retry import AttemptLedger, Backoff, Health, MemoryAttempts, attempt_key
 from schemas.events import EventRejected, parse_event
 
@@ -129,19 +129,6 @@ def ensure_topics(
         return created
     finally:
         admin.close()
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    """Logs assignment changes. Nothing to flush: each batch is published and committed before the
-    next poll, and a commit refused after a rebalance only means its records are read again."""
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        if revoked:
-            log.info("partitions revoked: %s", _tps(revoked))
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        if assigned:
-            log.info("partitions assigned: %s", _tps(assigned))
 
 
 class EventConsumer:
@@ -267,7 +254,7 @@ class EventConsumer:
             max_partition_fetch_bytes=max(self.max_event_bytes, 1024 * 1024) + 64 * 1024,
             **self.client_config,
         )
-        consumer.subscribe([self.topic], listener=_Rebalance())
+        consumer.subscribe([self.topic], listener=LoggingRebalanceListener())
         return consumer
 
     # -- one batch -------------------------------------------------------------------------------
@@ -509,7 +496,3 @@ class EventConsumer:
         where = ", ".join(sorted({f"{tp_name(s.tp)}@{s.record.offset}" for s in retries})[:5])
         log.info("retrying %s (%s) in %.1fs", where, ",".join(sorted(kinds)), delay)
         self.stats.waited_s += self._paused.wait(consumer, delay, resume_at)
-
-
-def _tps(tps: Iterable[TopicPartition]) -> str:
-    return ", ".join(sorted(tp_name(tp) for tp in tps))

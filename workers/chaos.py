@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +41,11 @@ from kafka import KafkaConsumer, TopicPartition
 from connectors.embedded import ManagedProcess, free_port, start_sekmet
 from connectors.fhir import FhirClient
 from connectors.kafka import ensure_topics, make_producer
+from workers.chaos_events import Expected, make_events
 from workers.chaos_proxy import FaultProxy
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
-
-IMAGING_REASONS = ["headache after a fall on warfarin", "RUQ pain after fatty meals", "persistent cough, weight loss",
-                   "low back pain with leg weakness", "suspected appendicitis, RLQ pain"]  # fmt: skip
-
-
-@dataclass
-class Expected:
-    kind: str  # imaging | lab | completed | invalid | poison | bundle
-    orders: list[str] = field(default_factory=list)  # order ids (imaging or lab) the event carries
-    imaging: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,69 +63,6 @@ class Row:
 
     def ok(self) -> bool:
         return self.lost == 0 and self.duplicated == 0 and self.stuck_partitions == 0
-
-
-# -- events --------------------------------------------------------------------------------------
-
-
-def _order(order_id: str, *, imaging: bool, rng: random.Random, status: str = "active") -> dict[str, Any]:
-    sr: dict[str, Any] = {"resourceType": "ServiceRequest", "id": order_id, "status": status, "intent": "order",
-                          "subject": {"reference": f"Patient/chaos-{rng.randrange(50)}"}}  # fmt: skip
-    if imaging:
-        sr["category"] = [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005", "display": "Imaging"}]}]
-        sr["code"] = {"text": rng.choice(["CT head", "MRI lumbar spine", "US abdomen", "Chest X-ray"])}
-        sr["reasonCode"] = [{"text": rng.choice(IMAGING_REASONS)}]
-    else:
-        sr["code"] = {"text": rng.choice(["Complete blood count", "Basic metabolic panel", "HbA1c"])}
-    return sr
-
-
-def make_events(tag: str, n: int, *, seed: int = 0, bundles: int = 0, bundle_size: int = 2000,
-                oversized: int = 0) -> tuple[list[tuple[str, bytes, Expected]], set[str]]:  # fmt: skip
-    """``n`` single events (55 % imaging, 27 % lab, 5 % completed, 11 % invalid, 2 % poison),
-    plus ``bundles`` Bundles of ``bundle_size`` orders (5 % of their ids repeated) and
-    ``oversized`` events over 1 MiB, interleaved. Returns (key, value, expectation) triples and
-    the ids the FHIR proxy must poison."""
-    rng = random.Random(seed)
-    events: list[tuple[str, bytes, Expected]] = []
-    poisoned: set[str] = set()
-    for i in range(n):
-        oid = f"{tag}-{i}"
-        roll = rng.random()
-        if roll < 0.55:
-            events.append((oid, _raw(_order(oid, imaging=True, rng=rng)), Expected("imaging", [oid], [oid])))
-        elif roll < 0.82:
-            events.append((oid, _raw(_order(oid, imaging=False, rng=rng)), Expected("lab", [oid])))
-        elif roll < 0.87:
-            done = _order(oid, imaging=True, rng=rng, status="completed")
-            events.append((oid, _raw(done), Expected("completed", [oid])))
-        elif roll < 0.98:
-            bad = _order(oid, imaging=True, rng=rng)
-            del bad["subject"]
-            value = _raw(bad) if i % 2 else _raw(bad)[:40]  # no subject, or not even JSON
-            events.append((oid, value, Expected("invalid")))
-        else:
-            poisoned.add(oid)
-            notice = {"specversion": "1.0", "id": uuid.uuid4().hex, "source": "urn:chaos", "type": "created",
-                      "subject": f"ServiceRequest/{oid}"}  # fmt: skip
-            events.append((oid, _raw(notice), Expected("poison")))
-    for b in range(bundles):
-        ids = [f"{tag}-b{b}-{j}" for j in range(bundle_size)]
-        orders = [_order(oid, imaging=j % 10 == 0, rng=rng) for j, oid in enumerate(ids)]
-        repeats = orders[: max(1, bundle_size // 20)]  # the same orders again, later in the Bundle
-        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": o} for o in orders + repeats]}
-        imaging = [o["id"] for o in orders if "category" in o]
-        events.insert(rng.randrange(len(events) + 1), (f"{tag}-b{b}", _raw(bundle), Expected("bundle", ids, imaging)))
-    for o in range(oversized):
-        oid = f"{tag}-big-{o}"
-        doc = _order(oid, imaging=True, rng=rng)
-        doc["note"] = [{"text": "x" * 1024} for _ in range(1100)]
-        events.insert(rng.randrange(len(events) + 1), (oid, _raw(doc), Expected("oversized")))
-    return events, poisoned
-
-
-def _raw(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 # -- the services a chaos run owns -----------------------------------------------------------------
@@ -292,7 +220,9 @@ def run_row(lab: ChaosLab, name: str, fault: Fault | None, n: int, *, timeout_s:
     lab.proxy.poison(poisoned)
     settings = lab.settings(tag)
     ensure_topics(settings.kafka_bootstrap, [settings.kafka_topic], partitions=PARTITIONS)
-    ensure_topics(settings.kafka_bootstrap, [settings.kafka_dlq_topic, settings.kafka_result_topic], partitions=1)
+    ensure_topics(
+        settings.kafka_bootstrap, [settings.kafka_dlq_topic, settings.kafka_result_topic], partitions=1
+    )
     producer = make_producer(settings.kafka_bootstrap, max_request_size=4 * 1024 * 1024)
     futures = [producer.send(settings.kafka_topic, key=key.encode(), value=value) for key, value, _ in events]
     producer.flush()
@@ -336,14 +266,18 @@ def _committed(settings: Settings) -> dict[int, int]:
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.kafka_group,
                              enable_auto_commit=False)  # fmt: skip
     try:
-        return {p: consumer.committed(TopicPartition(settings.kafka_topic, p)) or 0 for p in range(PARTITIONS)}
+        return {
+            p: consumer.committed(TopicPartition(settings.kafka_topic, p)) or 0 for p in range(PARTITIONS)
+        }
     finally:
         consumer.close()
 
 
 def _read_all(bootstrap: str, topic: str, *, quiet_s: float = 3.0) -> list[Any]:
     """Every record of a topic: read until nothing more arrives for ``quiet_s``."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20
+    )
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         if not parts:
@@ -454,12 +388,16 @@ def stop_fhir(seconds: float) -> Fault:
     return fault
 
 
-def fhir_answers(status: int, seconds: float, *, fraction: float = 1.0, retry_after: float | None = None) -> Fault:
+def fhir_answers(
+    status: int, seconds: float, *, fraction: float = 1.0, retry_after: float | None = None
+) -> Fault:
     def fault(run: RowRun) -> None:
         assert run.lab.proxy is not None
         run.wait_for(0.15)
         run.lab.proxy.fail(status, fraction, retry_after)
-        run.notes.append(f"FHIR answered {status} to {fraction:.0%} for {seconds:.0f}s at {run.progress():.0%}")
+        run.notes.append(
+            f"FHIR answered {status} to {fraction:.0%} for {seconds:.0f}s at {run.progress():.0%}"
+        )
         time.sleep(seconds)
         run.lab.proxy.heal()
 
