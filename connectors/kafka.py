@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
@@ -64,7 +64,7 @@ from connectors.outcomes import (
     Slot,
     tp_name,
 )
-from connectors.paused import PausedPolling
+from connectors.paused import LoggingRebalanceListener, PausedPolling
 from connectors.retry import AttemptLedger, Backoff, Health, MemoryAttempts, attempt_key
 from schemas.events import EventRejected, parse_event
 from connectors.observer import ConsumerObserver  # Operations (issue 9)
@@ -130,19 +130,6 @@ def ensure_topics(
         return created
     finally:
         admin.close()
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    """Logs assignment changes. Nothing to flush: each batch is published and committed before the
-    next poll, and a commit refused after a rebalance only means its records are read again."""
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        if revoked:
-            log.info("partitions revoked: %s", _tps(revoked))
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        if assigned:
-            log.info("partitions assigned: %s", _tps(assigned))
 
 
 class EventConsumer:
@@ -273,7 +260,7 @@ class EventConsumer:
             max_partition_fetch_bytes=max(self.max_event_bytes, 1024 * 1024) + 64 * 1024,
             **self.client_config,
         )
-        consumer.subscribe([self.topic], listener=_Rebalance())
+        consumer.subscribe([self.topic], listener=LoggingRebalanceListener())
         return consumer
 
     # -- one batch -------------------------------------------------------------------------------
@@ -295,7 +282,7 @@ class EventConsumer:
         try:
             dispatched = [s for s in slots if s.incoming is not None and s.status is None]
             self._dispatch(consumer, dispatch, dispatched, resume_at)
-            self._spend_budget(slots, dispatched)
+            self._spend_budget(slots)
             next_offsets = self._publish_and_commit(consumer, producer, slots, dispatch)
             self._wait_before_retry(
                 consumer, [s for s in slots if s.status == "retry"], dispatched, resume_at
@@ -435,17 +422,11 @@ class EventConsumer:
     def _attempt_key(self, slot: Slot) -> str:
         return attempt_key(self.group, slot.record.topic, slot.record.partition, slot.record.offset)
 
-    def _spend_budget(self, slots: list[Slot], dispatched: list[Slot]) -> None:
+    def _spend_budget(self, slots: list[Slot]) -> None:
         """Count failed attempts; an event out of budget is dead-lettered (``attempts_exhausted``)."""
-        others_succeeded = any(s.status == "done" for s in dispatched)
         for slot in slots:
-            if slot.status != "retry":
-                continue
-            counts = slot.retry_kind == "event" or (
-                slot.retry_kind == "unavailable" and slot.retry_after_s is None and others_succeeded
-            )
-            if not counts:
-                continue
+            if slot.status != "retry" or slot.retry_kind != "event":
+                continue  # outages, deployment problems and unfinished work never spend the budget
             slot.attempts = self.attempts.add(self._attempt_key(slot))
             if slot.attempts < self.max_attempts:
                 continue
@@ -512,9 +493,9 @@ class EventConsumer:
     def _wait_before_retry(
         self, consumer: KafkaConsumer, retries: list[Slot], dispatched: list[Slot], resume_at: dict
     ) -> None:
-        if any(s.status == "done" for s in dispatched):
-            self.health.recovered()
         kinds = {s.retry_kind for s in retries}
+        if "deployment" not in kinds and any(s.status == "done" for s in dispatched):
+            self.health.recovered()
         if not retries:
             self._backoff.reset()
             return
@@ -531,7 +512,3 @@ class EventConsumer:
         where = ", ".join(sorted({f"{tp_name(s.tp)}@{s.record.offset}" for s in retries})[:5])
         log.info("retrying %s (%s) in %.1fs", where, ",".join(sorted(kinds)), delay)
         self.stats.waited_s += self._paused.wait(consumer, delay, resume_at)
-
-
-def _tps(tps: Iterable[TopicPartition]) -> str:
-    return ", ".join(sorted(tp_name(tp) for tp in tps))

@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
+from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from connectors.outcomes import tp_name
@@ -88,3 +90,20 @@ class PausedPolling:
                 log.info("%s no longer assigned; its new owner resumes at the commit", tp_name(tp))
         if assigned:
             consumer.resume(*assigned)
+
+
+class LoggingRebalanceListener(ConsumerRebalanceListener):
+    """Logs assignment changes. Nothing to flush: each batch is published and committed before the
+    next poll, and a commit refused after a rebalance only means its records are read again."""
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if revoked:
+            log.info("partitions revoked: %s", tps_names(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            log.info("partitions assigned: %s", tps_names(assigned))
+
+
+def tps_names(tps: Iterable[TopicPartition]) -> str:
+    return ", ".join(sorted(tp_name(tp) for tp in tps))

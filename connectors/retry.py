@@ -9,7 +9,7 @@ kind           meaning                                  budget      wait before 
 =============  ======================================  ==========  ===============================
 ``event``      this event failed (a bug, a timeout,     spent       exponential backoff
                a worker killed while on it)
-``unavailable`` a dependency is down (FHIR 5xx, 429,    not spent*  backoff, or Retry-After if
+``unavailable`` a dependency is down (FHIR 5xx, 429,    not spent   backoff, or Retry-After if
                timeouts, Redis)                                     longer (capped)
 ``deployment`` the deployment is wrong (credentials,    never       exponential backoff; the
                base URL): no event can succeed                     consumer reports unhealthy
@@ -17,8 +17,9 @@ kind           meaning                                  budget      wait before 
                waiting behind an earlier event)
 =============  ======================================  ==========  ===============================
 
-(*) An ``unavailable`` failure without Retry-After spends the budget when other events of the
-same batch succeeded: the server is up and fails on this event only.
+A server that answers 5xx to one event only is not told apart from an outage (a flapping server
+would otherwise dead-letter good events): that event's partition waits with capped backoff and the
+consumer logs it at every attempt.
 
 The attempt count lives in Redis, keyed by consumer group, topic, partition and offset, so a
 restarted (or a new) consumer continues the count: a poison event that kills its consumer is

@@ -1,4 +1,4 @@
-"""``ehr-worker``: the command-line tool (consume, replay, predict, demo, bench, models)."""
+"""``ehr-worker``: the command-line tool (consume, replay, predict, demo, bench, chaos, models)."""
 
 from __future__ import annotations
 
@@ -181,6 +181,43 @@ def bench(
         )
     except (ModelIntegrityError, ModelNotFoundError) as exc:
         _fail(str(exc))
+
+
+@app.command()
+def chaos(
+    events: Annotated[int, typer.Option("--events", min=10, help="Events per fault row.")] = 10_000,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Rows whose name contains this (repeatable).")] = None,
+    short: Annotated[bool, typer.Option("--short", help="Short outages (8 s) instead of the issue's 60 s.")] = False,
+    registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", metavar="OUT", help="Write the table as JSON.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the pipeline under faults (kills, outages, poison, rebalances); print lost/duplicated/stuck per fault."""
+    import tempfile
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    from connectors.embedded import EmbeddedServices
+    from workers import chaos as chaos_run
+    from workers.settings import get_settings
+
+    s = get_settings()
+    root = registry or s.model_registry
+    if not Path(root).exists():
+        _fail(f"no models in {root}; build them with `ehr-worker models build` (or --profile tiny)")
+    with EmbeddedServices(fhir=False, redis=False) as services:
+        lab = chaos_run.ChaosLab(Path(tempfile.mkdtemp(prefix="ehrw-chaos-")), kafka_bootstrap=services.kafka_bootstrap,
+                                 redis_url=s.redis_url, registry=Path(root)).start()  # fmt: skip
+        try:
+            typer.echo(chaos_run.HEADER)
+            table = chaos_run.run_table(lab, events, names=only, long=not short, echo=typer.echo)
+        finally:
+            lab.stop()
+    if json_out:
+        json_out.write_text(chaos_run.as_json(table))
+    if not all(row.ok() for row in table):
+        raise typer.Exit(1)
 
 
 @models_app.command("build")

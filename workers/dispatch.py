@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -125,14 +125,17 @@ class CeleryDispatcher:
         max_in_flight_orders: int = 64,
         marker_ttl_s: int = 3600,
         tick_s: float = 0.05,
+        queue: str | None = None,
     ) -> None:
         self.group = group
+        self.queue = queue
         self.timeout_s = timeout_s
         self.no_keepalive_timeout_s = no_keepalive_timeout_s
         self.max_in_flight_orders = max_in_flight_orders
         self.marker_ttl_s = marker_ttl_s
         self.tick_s = tick_s
         self.max_outstanding_seen = 0
+        self._in_flight: set[str] = set()  # task ids sent (or found sent) and not yet seen finished
         self._redis = app.backend.client
         self._backend = app.backend
 
@@ -145,25 +148,32 @@ class CeleryDispatcher:
         budget = self.timeout_s if keepalive is not None else self.no_keepalive_timeout_s
         deadline = time.monotonic() + budget
         to_send: deque[tuple[_Event, str]] = deque()
-        outstanding: dict[str, _Event] = {}
+        mine: dict[str, _Event] = {}  # this round's tasks in flight -> their event
         marker_checked = time.monotonic()
         halt: EventOutcome | None = None
         while halt is None:
             self._start_ready(events, to_send)
-            while to_send and len(outstanding) < self.max_in_flight_orders:
+            # The window counts every task this dispatcher has in flight, earlier rounds' included:
+            # that is what bounds the Redis queue, however the batches are cut.
+            while to_send and len(self._in_flight) < self.max_in_flight_orders:
                 event, tid = to_send.popleft()
                 if event.outcome is None:
                     self._send(tid, event.inc, event.orders[tid])
-                    outstanding[tid] = event
-            self.max_outstanding_seen = max(self.max_outstanding_seen, len(outstanding))
+                    self._in_flight.add(tid)
+                    mine[tid] = event
+            self.max_outstanding_seen = max(self.max_outstanding_seen, len(self._in_flight))
             if all(e.outcome is not None for e in events) or time.monotonic() >= deadline:
                 break
             progressed = False
-            for tid, result in self._ready(list(outstanding)).items():
-                event = outstanding.pop(tid)
+            for tid, result in self._ready(list(self._in_flight)).items():
+                self._in_flight.discard(tid)
                 progressed = True
-                if event.outcome is not None:  # decided already (another order was not final)
-                    if result.get("status") not in FINAL_STATUSES:
+                event = mine.pop(tid, None)
+                final = result.get("status") in FINAL_STATUSES
+                if event is None or event.outcome is not None:
+                    # An earlier round's task, or its event is decided already: a final result waits
+                    # in Redis for the event's next dispatch; any other is dropped so that one re-runs.
+                    if not final:
                         self._forget([tid])
                     continue
                 halt = self._record(event, tid, result)
@@ -171,7 +181,7 @@ class CeleryDispatcher:
                     break
             if time.monotonic() - marker_checked >= _MARKER_CHECK_EVERY_S:
                 marker_checked = time.monotonic()
-                self._resend_lost(outstanding)
+                self._resend_lost(mine)
             if keepalive is not None:
                 keepalive()
             if not progressed:
@@ -226,12 +236,9 @@ class CeleryDispatcher:
             elif event.outcome is None:
                 event.outcome = EventOutcome(status="retry", reason_code="still_running", retry_kind="busy")
             outcomes.append(event.outcome)
-            if event.outcome.status != "done":
-                inc = event.inc
-                log.warning(
-                    "event %s[%d]@%d: %s (%s)", inc.topic, inc.partition, inc.offset, event.outcome.status,
-                    event.outcome.reason_code,
-                )  # fmt: skip
+        counts = Counter(f"{o.status}:{o.reason_code}" for o in outcomes if o.status != "done")
+        if counts:
+            log.info("round of %d events: %s", len(events), ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
         return outcomes
 
     # -- Redis -------------------------------------------------------------------------------------
@@ -243,7 +250,7 @@ class CeleryDispatcher:
             # argsrepr/kwargsrepr: no log line may print the order (Celery logs arguments at INFO).
             # Operations (issue 9): event/trace headers, and an argsrepr of ids only (logs, Flower).
             options = task_options(inc.topic, inc.partition, inc.offset, item.order_id)
-            suggest.apply_async(args=[order_item_payload(item)], task_id=tid, **options)
+            suggest.apply_async(args=[order_item_payload(item)], task_id=tid, queue=self.queue, **options)
         except Exception:
             self._redis.delete(f"ehrw:sent:{tid}")
             raise
@@ -278,6 +285,15 @@ class CeleryDispatcher:
             if not exists:
                 log.warning("task %s vanished from Redis; sending it again", tid)
                 self._send(tid, outstanding[tid].inc, outstanding[tid].orders[tid])
+        # Earlier rounds' tasks whose marker expired or vanished no longer hold a place in the window.
+        others = [t for t in self._in_flight if t not in outstanding]
+        if others:
+            pipe = self._redis.pipeline()
+            for tid in others:
+                pipe.exists(f"ehrw:sent:{tid}")
+            for tid, exists in zip(others, pipe.execute()):
+                if not exists:
+                    self._in_flight.discard(tid)
 
     def _forget(self, tids: list[str]) -> None:
         keys: list[Any] = []
@@ -306,6 +322,7 @@ def build_dispatcher(settings: Settings) -> CeleryDispatcher:
         max_in_flight_orders=settings.max_in_flight_orders,
         # A sent task may wait in an unacknowledged state this long before Redis re-delivers it.
         marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 60),
+        queue=settings.celery_queue,
     )
 
 

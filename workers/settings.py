@@ -53,8 +53,10 @@ class Settings(BaseSettings):
 
     # Security: transport, SMART Backend Services, task payloads (issue 8; workers/clients.py, docs/security.md)
 
-    # Kafka security protocol for every client (consumer, producer, admin; clients.kafka_client_config).
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description="Kafka security protocol of every client: consumer, producer, admin (clients.kafka_client_config)",
+    )
     # Kafka SASL mechanism (with SASL_PLAINTEXT or SASL_SSL).
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     # Kafka SASL user name.
