@@ -68,8 +68,8 @@ from training.model import (
     pad_id_of,
 )
 from training.modelcard import render_model_card
-from training.profiles import Profile, resolve_profile
 from training.phenotype.build import build_diagnosis
+from training.profiles import Profile, resolve_profile
 from training.protocol_eval import calibrate_on_exams, write_exam_slices
 from training.report import comparison_table, evaluation_report
 from training.stages import (

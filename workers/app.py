@@ -71,5 +71,5 @@ def verify_registry_before_forking(**_: Any) -> None:
         raise SystemExit(3) from None
 
 
-# Operations (issue 9): logs, metrics, /readyz and traces through Celery signals.
-from workers import observability  # noqa: F401
+# Operations (issue 9): logs, metrics, /readyz and traces through Celery signals (they need ``app``).
+from workers import observability  # noqa: E402, F401

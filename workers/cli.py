@@ -277,8 +277,8 @@ def models_verify(registry: Annotated[Optional[Path], typer.Option()] = None) ->
         raise typer.Exit(1)
 
 
-# Operations (issue 9): dead-letter replay and model roll-out commands.
-from workers.ops_cli import dlq_app, models_promote, models_rollback
+# Operations (issue 9): dead-letter replay and model roll-out commands, registered on the apps above.
+from workers.ops_cli import dlq_app, models_promote, models_rollback  # noqa: E402
 
 app.add_typer(dlq_app, name="dlq")
 models_app.command("promote")(models_promote)

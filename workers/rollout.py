@@ -18,8 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
 from models.diagnosis import load_diagnosis_model
+from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
 from models.runtime import TextClassifier
 from workers import logs, metrics, tracing
 from workers.pipeline import ModelSet
