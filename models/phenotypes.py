@@ -161,7 +161,8 @@ def _match_at(toks: list[str], i: int, phrases: dict[str, list[tuple[str, ...]]]
     return 0
 
 
-NEGATION_BEFORE, NEGATION_AFTER, PSEUDO_NEGATION, FAMILY_PHRASES, UNCERTAIN_PHRASES = (
+# The phrase lists indexed by their first word, for _match_at.
+NEGATION_BEFORE_AT, NEGATION_AFTER_AT, PSEUDO_NEGATION_AT, FAMILY_PHRASES_AT, UNCERTAIN_PHRASES_AT = (
     _by_first_word(p) for p in (NEGATION_BEFORE, NEGATION_AFTER, PSEUDO_NEGATION, FAMILY_PHRASES, UNCERTAIN_PHRASES))
 
 
@@ -284,30 +285,30 @@ class PhenotypeRecognizer:
         for a, b in bounds:
             clause = words[a:b]
             family = any(w in FAMILY_WORDS for w in clause) or any(
-                _match_at(clause, j, FAMILY_PHRASES) for j in range(len(clause)))
+                _match_at(clause, j, FAMILY_PHRASES_AT) for j in range(len(clause)))
             if family:
                 for k in range(a, b):
                     status[k] = FAMILY
                 continue
             j = 0
             while j < len(clause):
-                if _match_at(clause, j, PSEUDO_NEGATION):
+                if _match_at(clause, j, PSEUDO_NEGATION_AT):
                     j += 2
                     continue
-                m = _match_at(clause, j, UNCERTAIN_PHRASES)
+                m = _match_at(clause, j, UNCERTAIN_PHRASES_AT)
                 if m:
                     for k in range(a + j + m, b):
                         status[k] = UNCERTAIN
                     j += m
                     continue
-                m = _match_at(clause, j, NEGATION_BEFORE)
+                m = _match_at(clause, j, NEGATION_BEFORE_AT)
                 if m:
                     for k in range(a + j + m, b):
                         if status[k] == PRESENT:
                             status[k] = EXCLUDED
                     j += m
                     continue
-                m = _match_at(clause, j, NEGATION_AFTER)
+                m = _match_at(clause, j, NEGATION_AFTER_AT)
                 if m:
                     for k in range(a, a + j):
                         if status[k] == PRESENT:

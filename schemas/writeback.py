@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -353,7 +354,7 @@ def _risk_assessment(
     encounter: dict[str, Any] | None,
     device_url: str,
     when: str,
-    basis: list[str] = (),
+    basis: Sequence[str] = (),
 ) -> dict[str, Any]:
     risk = {
         "resourceType": "RiskAssessment",

@@ -481,7 +481,7 @@ def _crash_consumer(at_commit: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return commit(kafka_consumer, offsets, records)
 
-    consumer._commit = commit_or_die  # type: ignore[method-assign]
+    consumer._commit = commit_or_die  # type: ignore[method-assign,assignment]
     consumer.run(build_dispatcher(settings), idle_timeout_s=60)
 
 

@@ -60,7 +60,8 @@ def _source_comments() -> dict[str, str]:
         match = re.match(r"^    ([a-z_][a-z0-9_]*)\s*:", line)
         if not match:
             continue
-        block, j = [], i - 1
+        block: list[str] = []
+        j = i - 1
         while j >= 0 and lines[j].strip().startswith("#"):
             block.insert(0, lines[j].strip().lstrip("#").strip())
             j -= 1

@@ -39,7 +39,11 @@ def _multiprocess_dir() -> tuple[Path, bool]:
     os.environ[ENV] = os.environ[_PRIVATE] = path
     owner = os.getpid()
     # Only the process that made it removes it; forked pool children share it.
-    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+    def remove_if_owner() -> None:
+        if os.getpid() == owner:
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove_if_owner)
     return Path(path), False
 
 

@@ -82,7 +82,7 @@ def inject_headers(
         carrier = _record_contexts.pop((topic, int(partition or 0), int(offset or 0)), None)
         parent = propagate.extract(carrier) if carrier else None
     tracer = trace.get_tracer("ehr-worker")
-    attributes = {"messaging.destination.name": topic or "", "messaging.kafka.partition": partition or 0}
+    attributes: dict[str, str | int] = {"messaging.destination.name": topic or "", "messaging.kafka.partition": partition or 0}
     with tracer.start_as_current_span("ehrw.dispatch", context=parent, attributes=attributes) as span:
         if offset is not None:
             span.set_attribute("messaging.kafka.offset", offset)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.datasets.common import Split
+
 ORDINARY_NOTES = Path(__file__).resolve().parent.parent / "data" / "ordinary" / "synthea_notes.jsonl.gz"
 
 
@@ -223,7 +225,7 @@ _SYNDROMIC_LEADS = re.compile(r"(?i)known genetic syndrome with|pmh notable for|
                               r"relevant background of|also has")
 
 
-def ordinary_texts(n: int, seed: int = 0, split: str = "test") -> list[str]:
+def ordinary_texts(n: int, seed: int = 0, split: Split = "test") -> list[str]:
     """Ordinary imaging indications (protocol generator) and clinical notes: the gate's negatives."""
     from schemas.text import clinical_text
     from training.datasets import protocol

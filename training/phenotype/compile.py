@@ -135,12 +135,14 @@ def ancestor_closure(parents: list[list[int]]) -> list[np.ndarray]:
             if memo[node] is not None:
                 continue
             if expanded:
-                parts = [np.array([node], dtype=np.int32)] + [memo[p] for p in parents[node]]
+                parts = [np.array([node], dtype=np.int32)] + [m for p in parents[node] if (m := memo[p]) is not None]
                 memo[node] = np.unique(np.concatenate(parts))
             else:
                 stack.append((node, True))
                 stack.extend((p, False) for p in parents[node] if memo[p] is None)
-        return memo[i]
+        result = memo[i]
+        assert result is not None  # the loop above filled it
+        return result
 
     return [anc(i) for i in range(len(parents))]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -195,7 +196,7 @@ def evaluate(model: DiagnosisModel, cases, n_annotations: np.ndarray, progress: 
         return {f"top{k}": (sum(r["model"] <= k and r["accepted"] for r in sel) / n if n else None)
                 for k in (1, 3, 5, 10)} | {"n": n}
 
-    out = {"all": {"model": topk(rows, "model"), "model_served": served(rows), "resnik": topk(rows, "resnik"),
+    out: dict[str, Any] = {"all": {"model": topk(rows, "model"), "model_served": served(rows), "resnik": topk(rows, "resnik"),
                    "resnik_true_terms": topk(rows, "resnik_gold")}, "bins": {}}
     for lo, hi in BINS:
         sel = [r for r in rows if lo <= r["n_ann"] <= hi]
