@@ -1,7 +1,7 @@
 """Score a protocol model on the hand-written real-like check set (``tests/data/protocol_real_like.tsv``):
 orders with the exam in ``code.text`` and the indication in ``note``, as the hidden real orders come.
 
-    python -m training.protocol_checkset --registry registry [--cli]
+    python -m training.protocol_checkset --registry registry [--cli] [--heldout 2000]
 
 Prints top-1 / top-3, restricted to the ordered exam (as served) and unrestricted (the model
 alone); ``--cli`` also runs ``ehr-worker predict --task protocol --top-k 3`` on the NDJSON and
@@ -73,9 +73,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.protocol_checkset", description=__doc__.splitlines()[0])
     parser.add_argument("--registry", default="registry")
     parser.add_argument("--cli", action="store_true", help="also score `ehr-worker predict --top-k 3` output")
+    parser.add_argument("--heldout", type=int, default=0, metavar="N",
+                        help="also print the slices on N orders of the generator's held-out test split (seed 0)")
     args = parser.parse_args(argv)
     print(json.dumps(evaluate(Path(args.registry), cli=args.cli), indent=1))
+    if args.heldout:
+        print(heldout_slices(Path(args.registry), args.heldout))
     return 0
+
+
+def heldout_slices(registry: Path, n: int) -> str:
+    """The PROTOCOL_SLICES table of any registered model on the current generator's held-out split
+    (so that models built from different data are compared on the same orders)."""
+    import numpy as np
+
+    from models.registry import ModelRegistry
+    from models.runtime import TextClassifier
+    from training.datasets import protocol
+    from training.protocol_eval import exam_slices, slices_markdown
+
+    data = protocol.generate(n, seed=0, split="test")
+    model = TextClassifier.load(ModelRegistry(registry).current_dir("protocol"))
+    logits = model.logits(data.texts(), batch_size=64)
+    return slices_markdown(exam_slices(logits, data, np.asarray(data.label_ids()), model.temperature, model.threshold))
 
 
 if __name__ == "__main__":
