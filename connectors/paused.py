@@ -24,6 +24,7 @@ from connectors.outcomes import tp_name
 log = logging.getLogger(__name__)
 
 KEEPALIVE_EVERY_S = 0.5
+_JOIN_WAIT_MS = 100
 
 
 class PausedPolling:
@@ -55,7 +56,10 @@ class PausedPolling:
             return
         self._last_keepalive = now
         try:
-            polled = consumer.poll(timeout_ms=0)
+            # Never timeout_ms=0: a poll that may not wait cannot take part in a rebalance (found
+            # with Tansu: the group never settled while a member was waiting). The partitions are
+            # paused, so this only waits, at most _JOIN_WAIT_MS.
+            polled = consumer.poll(timeout_ms=_JOIN_WAIT_MS)
         except Exception as exc:  # noqa: BLE001 - the next real poll reports it
             log.debug("keepalive poll failed (%s)", type(exc).__name__)
             return

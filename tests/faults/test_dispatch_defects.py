@@ -69,11 +69,11 @@ def test_a_bundle_of_many_orders_is_bounded_deduplicated_and_never_queued_twice(
     ids = [f"lab-{uuid.uuid4().hex[:6]}-{i}" for i in range(300)]
     entries = [{"resource": _lab_order(i)} for i in ids] + [{"resource": _lab_order(i)} for i in ids[:50]]
     inc = _incoming(7, {"resourceType": "Bundle", "type": "collection", "entry": entries})
-    dispatcher = CeleryDispatcher(group=f"g-{uuid.uuid4().hex[:6]}", timeout_s=1.0, max_in_flight_orders=20)
+    dispatcher = CeleryDispatcher(group=f"g-{uuid.uuid4().hex[:6]}", timeout_s=0.2, max_in_flight_orders=20)
     box, stop = _queue_sampler("ehr-worker")
     rounds = 0
     try:
-        while rounds < 120:
+        while rounds < 600:
             rounds += 1
             (outcome,) = dispatcher([inc], keepalive=lambda: None)
             if outcome.status != "retry":
