@@ -46,6 +46,10 @@ def make_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         timezone="UTC",
     )
+    # rel-b: broker/backend password, rediss:// TLS and socket timeouts, keeping visibility_timeout.
+    from workers.clients import configure_celery_connection
+
+    configure_celery_connection(app, settings)
     return app
 
 

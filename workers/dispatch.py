@@ -29,14 +29,16 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.kafka import EventConsumer, EventOutcome, Incoming
 from connectors.retry import RedisAttempts, RetryKind
 from schemas.events import OrderItem
+from workers.clients import kafka_client_config
 from workers.observability import task_options  # Operations (issue 9)
-from workers.settings import Settings
+from workers.payload import apply_async_options, payload_cipher
+from workers.settings import Settings, get_settings
 from workers.tasks import STATUS_DEPLOYMENT, STATUS_FAILED, STATUS_UNAVAILABLE, app, suggest
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,6 @@ _KIND_OF_STATUS: dict[str, RetryKind] = {
 # How often a sent task's marker is checked: a marker that vanished (Redis flushed or restarted)
 # means the task may be gone too, so it is sent again.
 _MARKER_CHECK_EVERY_S = 5.0
-
-
-def order_item_payload(item: OrderItem) -> dict[str, Any]:
-    return {k: v for k, v in asdict(item).items() if v is not None}
 
 
 def task_id_for(group: str, inc: Incoming, order_id: str) -> str:
@@ -126,8 +124,11 @@ class CeleryDispatcher:
         marker_ttl_s: int = 3600,
         tick_s: float = 0.05,
         queue: str | None = None,
+        cipher: Any | None = None,
     ) -> None:
         self.group = group
+        # Orders carried inline travel encrypted (workers/payload.py); no key fails here, at start.
+        self.cipher = cipher if cipher is not None else payload_cipher(get_settings().payload_key)
         self.queue = queue
         self.timeout_s = timeout_s
         self.no_keepalive_timeout_s = no_keepalive_timeout_s
@@ -247,10 +248,11 @@ class CeleryDispatcher:
         if not self._redis.set(f"ehrw:sent:{tid}", b"1", nx=True, ex=self.marker_ttl_s):
             return  # sent before (an earlier round, consumer or owner): wait for that one
         try:
-            # argsrepr/kwargsrepr: no log line may print the order (Celery logs arguments at INFO).
-            # Operations (issue 9): event/trace headers, and an argsrepr of ids only (logs, Flower).
-            options = task_options(inc.topic, inc.partition, inc.offset, item.order_id)
-            suggest.apply_async(args=[order_item_payload(item)], task_id=tid, queue=self.queue, **options)
+            # The task carries ids in clear and an inline order only encrypted; argsrepr/kwargsrepr
+            # name ids only (Celery logs arguments at INFO). Operations (issue 9): event/trace headers.
+            options = {**task_options(inc.topic, inc.partition, inc.offset, item.order_id),
+                       **apply_async_options(item, self.cipher)}  # fmt: skip
+            suggest.apply_async(task_id=tid, queue=self.queue, **options)
         except Exception:
             self._redis.delete(f"ehrw:sent:{tid}")
             raise
@@ -323,6 +325,7 @@ def build_dispatcher(settings: Settings) -> CeleryDispatcher:
         # A sent task may wait in an unacknowledged state this long before Redis re-delivers it.
         marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 60),
         queue=settings.celery_queue,
+        cipher=payload_cipher(settings.payload_key),
     )
 
 
@@ -344,6 +347,7 @@ def build_consumer(settings: Settings, **overrides: object) -> EventConsumer:
         "retry_backoff_s": settings.retry_backoff_s,
         "retry_backoff_max_s": settings.retry_backoff_max_s,
         "retry_after_max_s": settings.retry_after_max_s,
+        "client_config": kafka_client_config(settings),  # TLS/SASL, as every other Kafka client
     }
     kwargs.update(overrides)
     return EventConsumer(**kwargs)  # type: ignore[arg-type]
