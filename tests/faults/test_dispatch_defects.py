@@ -69,7 +69,8 @@ def test_a_bundle_of_many_orders_is_bounded_deduplicated_and_never_queued_twice(
     ids = [f"lab-{uuid.uuid4().hex[:6]}-{i}" for i in range(300)]
     entries = [{"resource": _lab_order(i)} for i in ids] + [{"resource": _lab_order(i)} for i in ids[:50]]
     inc = _incoming(7, {"resourceType": "Bundle", "type": "collection", "entry": entries})
-    dispatcher = CeleryDispatcher(group=f"g-{uuid.uuid4().hex[:6]}", timeout_s=1.0, max_in_flight_orders=20)
+    # a short round (0.25 s) so the bundle outlasts it even on a fast worker
+    dispatcher = CeleryDispatcher(group=f"g-{uuid.uuid4().hex[:6]}", timeout_s=0.25, max_in_flight_orders=20)
     box, stop = _queue_sampler("ehr-worker")
     rounds = 0
     try:
@@ -103,9 +104,9 @@ def test_events_with_the_same_key_run_one_after_the_other(services, celery_worke
     events: list[tuple[str, int, float]] = []
 
     class Recording(CeleryDispatcher):
-        def _send(self, tid, item):
+        def _send(self, tid, inc, item):
             events.append(("sent", id(item), time.monotonic()))
-            super()._send(tid, item)
+            super()._send(tid, inc, item)
 
         def _record(self, event, tid, result):
             events.append(("done", id(event.orders[tid]), time.monotonic()))
