@@ -370,9 +370,12 @@ def _new_version(registry: Path, task: str, suffix: str) -> str:
 
 
 def _suggest(ops, order: dict) -> dict:
+    from schemas.events import OrderItem
+    from workers.payload import apply_async_options, payload_cipher
     from workers.tasks import suggest
 
-    return suggest.apply_async(args=[{"service_request": order}], queue=ops["queue"]).get(timeout=120)
+    options = apply_async_options(OrderItem(service_request=order), payload_cipher(os.environ["EHRW_PAYLOAD_KEY"]))
+    return suggest.apply_async(**options, queue=ops["queue"]).get(timeout=120)
 
 
 def test_promote_and_rollback_switch_a_running_worker(ops, services):
