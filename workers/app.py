@@ -58,22 +58,25 @@ app = make_app(get_settings())
 
 @signals.worker_init.connect
 def verify_registry_before_forking(**_: Any) -> None:
-    """Refuse to start on a missing or corrupt model, before any pool process exists.
+    """Refuse to start on a missing or corrupt model, or without ``EHRW_PAYLOAD_KEY``, before any
+    pool process exists.
 
     Celery logs and swallows exceptions from signal handlers, so this exits explicitly: a worker
     that cannot load its models must not take orders off the queue.
     """
     from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
+    from workers.payload import PayloadError, payload_cipher
 
     registry = ModelRegistry(get_settings().model_registry)
     try:
         for task in ("protocol", "diagnosis"):
             registry.verify(task)
-    except (ModelIntegrityError, ModelNotFoundError) as exc:
+        payload_cipher(get_settings().payload_key)  # the consumer's key for orders carried inline
+    except (ModelIntegrityError, ModelNotFoundError, PayloadError) as exc:
         logging.getLogger("workers").critical("refusing to start: %s", exc)
         print(f"ehr-worker: refusing to start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
 
 
 # Operations (issue 9): logs, metrics, /readyz and traces through Celery signals.
-from workers import observability  # noqa: F401
+from workers import observability  # noqa: E402, F401

@@ -34,7 +34,7 @@ from typing import Any
 
 from connectors.kafka import EventConsumer, EventOutcome, Incoming
 from connectors.retry import RedisAttempts, RetryKind
-from schemas.events import OrderItem
+from schemas.events import OrderItem, ParsedEvent
 from workers.clients import kafka_client_config
 from workers.observability import task_options  # Operations (issue 9)
 from workers.payload import apply_async_options, payload_cipher
@@ -52,6 +52,27 @@ _KIND_OF_STATUS: dict[str, RetryKind] = {
 # How often a sent task's marker is checked: a marker that vanished (Redis flushed or restarted)
 # means the task may be gone too, so it is sent again.
 _MARKER_CHECK_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class VoidOrder:
+    """An inline order the parser skipped as void (revoked, entered in error): a task carrying its
+    id and reason code only cancels its earlier open suggestion Tasks (issue 8, defect 8)."""
+
+    order_id: str
+    reason_code: str
+
+    def apply_async_options(self) -> dict[str, Any]:
+        reference = f"ServiceRequest/{self.order_id}"
+        return {"args": [{"reference": reference, "void": self.reason_code}],
+                "argsrepr": f"({reference} void={self.reason_code})", "kwargsrepr": "{}"}  # fmt: skip
+
+
+def work_items(event: ParsedEvent) -> list[OrderItem | VoidOrder]:
+    """One task per order of the event: its orders to work on, then its void orders."""
+    items: list[OrderItem | VoidOrder] = list(unique_orders(event.items))
+    ids = {item.order_id for item in items}
+    return items + [VoidOrder(order_id, code) for order_id, code in dict(event.void_orders).items() if order_id not in ids]
 
 
 def task_id_for(group: str, inc: Incoming, order_id: str) -> str:
@@ -102,7 +123,7 @@ def retry_outcome(result: dict[str, Any]) -> EventOutcome:
 @dataclass
 class _Event:
     inc: Incoming
-    orders: dict[str, OrderItem]  # task id -> order
+    orders: dict[str, OrderItem | VoidOrder]  # task id -> order
     keys: set[str]
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: bool = False
@@ -191,7 +212,7 @@ class CeleryDispatcher:
 
     def _plan(self, inc: Incoming) -> _Event:
         orders = {
-            task_id_for(self.group, inc, item.order_id): item for item in unique_orders(inc.event.items)
+            task_id_for(self.group, inc, item.order_id): item for item in work_items(inc.event)
         }
         keys = {f"o:{item.order_id}" for item in orders.values()}
         if inc.key:
@@ -244,14 +265,15 @@ class CeleryDispatcher:
 
     # -- Redis -------------------------------------------------------------------------------------
 
-    def _send(self, tid: str, inc: Incoming, item: OrderItem) -> None:
+    def _send(self, tid: str, inc: Incoming, item: OrderItem | VoidOrder) -> None:
         if not self._redis.set(f"ehrw:sent:{tid}", b"1", nx=True, ex=self.marker_ttl_s):
             return  # sent before (an earlier round, consumer or owner): wait for that one
         try:
             # The task carries ids in clear and an inline order only encrypted; argsrepr/kwargsrepr
             # name ids only (Celery logs arguments at INFO). Operations (issue 9): event/trace headers.
             options = {**task_options(inc.topic, inc.partition, inc.offset, item.order_id),
-                       **apply_async_options(item, self.cipher)}  # fmt: skip
+                       **(item.apply_async_options() if isinstance(item, VoidOrder)
+                          else apply_async_options(item, self.cipher))}  # fmt: skip
             suggest.apply_async(task_id=tid, queue=self.queue, **options)
         except Exception:
             self._redis.delete(f"ehrw:sent:{tid}")
@@ -309,7 +331,7 @@ class CeleryDispatcher:
         tids = [
             task_id_for(self.group, inc, item.order_id)
             for inc in incomings
-            for item in unique_orders(inc.event.items)
+            for item in work_items(inc.event)
         ]
         for start in range(0, len(tids), 500):
             self._forget(tids[start : start + 500])

@@ -29,6 +29,7 @@ from workers.payload import PayloadError, open_task_payload, payload_cipher
 from workers.pipeline import ModelSet, suggest_for_order
 from workers.rollout import process_holder  # Operations (issue 9)
 from workers.settings import Settings, get_settings
+from workers.supersede import cancel_void_order
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def suggest(self, payload: dict[str, Any]) -> dict[str, Any]:
         return _not_final(order, STATUS_FAILED, "worker_lost", error_type="WorkerLostError")
     settings = get_settings()
     try:
+        if payload.get("void"):  # an inline void order: withdraw its open suggestions (ids only)
+            return cancel_void_order(process_fhir_client(), payload["reference"], payload["void"])
         item, fallback = open_task_payload(payload, process_cipher())
         return suggest_for_order(
             item,
