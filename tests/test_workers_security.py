@@ -339,3 +339,19 @@ def test_note_text_reaches_no_redis_key_dead_letter_header_or_result_event(servi
     assert results and not [r.key for r in results if marker.encode() in r.value]
     leaked = [k for k, v in _redis_values(client) if marker.encode() in v]
     assert leaked == [], leaked
+
+
+def test_dead_letter_headers_and_result_events_keep_outcome_codes_only():
+    """Whoever built a result (an older worker, a bug), the consumer reduces its OperationOutcome
+    to codes again before it becomes a result event or a dead-letter header."""
+    from connectors.dlq import reason_headers
+    from workers.dispatch import outcome_for_event
+
+    raw = {"resourceType": "OperationOutcome",
+           "issue": [{"severity": "error", "code": "invariant", "diagnostics": NOTE, "details": {"text": NOTE}}]}  # fmt: skip
+    outcome = outcome_for_event([{"order": "ServiceRequest/o1", "status": "rejected", "operation_outcome": raw}])
+    assert outcome.status == "dead_letter" and NOTE not in json.dumps(outcome.results)
+    headers = reason_headers(topic="t", partition=0, offset=1, reason_code="fhir_rejected_writeback",
+                             reason="refused", details={"operation_outcome": raw})  # fmt: skip
+    assert all(NOTE.encode() not in value for _, value in headers)
+    assert b'"code":"invariant"' in dict(headers)["ehrw-details"]

@@ -35,6 +35,7 @@ from typing import Any
 from connectors.kafka import EventConsumer, EventOutcome, Incoming
 from connectors.retry import RedisAttempts, RetryKind
 from schemas.events import OrderItem, ParsedEvent
+from schemas.outcomes import outcome_codes
 from workers.clients import kafka_client_config
 from workers.observability import task_options  # Operations (issue 9)
 from workers.payload import apply_async_options, payload_cipher
@@ -91,7 +92,12 @@ def unique_orders(items: list[OrderItem]) -> list[OrderItem]:
 
 
 def outcome_for_event(results: list[dict[str, Any]]) -> EventOutcome:
-    """The event's outcome once each of its orders has a final result."""
+    """The event's outcome once each of its orders has a final result (OperationOutcomes reduced to
+    codes again: they become result events and dead-letter headers)."""
+    results = [
+        {**r, "operation_outcome": outcome_codes(r["operation_outcome"])} if "operation_outcome" in r else r
+        for r in results
+    ]
     rejected = [r for r in results if r.get("status") == "rejected"]
     if rejected:
         first = rejected[0]
