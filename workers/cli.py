@@ -69,9 +69,14 @@ def consume(
     if verbose:
         logging.getLogger().setLevel(logging.DEBUG)
     from workers.clients import kafka_client_config
+    from workers.payload import PayloadError
 
+    try:
+        dispatcher = build_dispatcher(s)  # refuses to start without EHRW_PAYLOAD_KEY
+    except PayloadError as exc:
+        _fail(str(exc))
     ensure_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic, s.kafka_result_topic], **kafka_client_config(s))
-    stats = build_consumer(s, observer=observer).run(build_dispatcher(s), idle_timeout_s=idle_timeout, max_events=max_events)
+    stats = build_consumer(s, observer=observer).run(dispatcher, idle_timeout_s=idle_timeout, max_events=max_events)
     typer.echo(json.dumps(stats.as_dict()))
 
 
@@ -280,7 +285,7 @@ def models_verify(registry: Annotated[Optional[Path], typer.Option()] = None) ->
 
 
 # Operations (issue 9): dead-letter replay and model roll-out commands.
-from workers.ops_cli import dlq_app, models_promote, models_rollback
+from workers.ops_cli import dlq_app, models_promote, models_rollback  # noqa: E402
 
 app.add_typer(dlq_app, name="dlq")
 models_app.command("promote")(models_promote)
