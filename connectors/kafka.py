@@ -55,6 +55,7 @@ from connectors.dlq import (  # noqa: F401 - the header names are part of this m
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
 )
+from connectors.observer import ConsumerObserver  # Operations (issue 9)
 from connectors.outcomes import (
     FINAL_RESULT_STATUSES,
     ConsumerStats,
@@ -67,7 +68,6 @@ from connectors.outcomes import (
 from connectors.paused import LoggingRebalanceListener, PausedPolling
 from connectors.retry import AttemptLedger, Backoff, Health, MemoryAttempts, attempt_key
 from schemas.events import EventRejected, parse_event
-from connectors.observer import ConsumerObserver  # Operations (issue 9)
 
 log = logging.getLogger(__name__)
 
