@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.outcomes import outcome_codes
+
 H_REASON_CODE = "ehrw-reason-code"
 H_REASON = "ehrw-reason"
 H_DETAILS = "ehrw-details"
@@ -113,6 +115,8 @@ def reason_headers(
     if attempts is not None:
         headers.append((H_ATTEMPTS, str(attempts).encode()))
     if details is not None:
+        if "operation_outcome" in details:  # codes only, whoever built it: server text never reaches a header
+            details = {**details, "operation_outcome": outcome_codes(details["operation_outcome"])}
         headers.append((H_DETAILS, json_bytes(details)))
     return headers
 

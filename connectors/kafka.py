@@ -380,7 +380,7 @@ class EventConsumer:
                 slot.incoming = Incoming(
                     record.topic, record.partition, record.offset, record.key, record.value, event
                 )
-                if not event.items:  # nothing to dispatch: only non-actionable orders
+                if not event.items and not event.void_orders:  # nothing to dispatch: only non-actionable orders
                     slot.status = "done"
         if slot.rejected:
             log.info("%s@%d rejected: %s", tp_name(tp), record.offset, slot.reason_code)

@@ -160,9 +160,11 @@ class OutcomePublisher:
         ]
         results = list(slot.results)
         if slot.incoming is not None:
+            reported = {r.get("order") for r in results}  # void orders' tasks report themselves
             results += [
                 {"order": order_ref(order), "status": "skipped", "reason_code": code}
                 for order, code in slot.incoming.event.skipped
+                if order_ref(order) not in reported
             ]
         for result in results:
             order = result.get("order")

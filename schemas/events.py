@@ -30,7 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.orders import skip_reason, validate_service_request
+from schemas.orders import VOID_REASONS, skip_reason, validate_service_request
 from schemas.references import ID_RE, RESOURCE_TYPE_RE, ParsedReference, parse_reference
 from schemas.rejections import FIELD_NAME_RE, REASON_CODES, EventRejected, code_repr, json_type
 
@@ -97,6 +97,11 @@ class ParsedEvent:
     items: list[OrderItem]
     skipped: list[tuple[str, str]]
     kind: str = "resource"
+
+    @property
+    def void_orders(self) -> list[tuple[str, str]]:
+        """``(order id, reason code)`` of the void skipped orders: their open suggestions get cancelled."""
+        return [(order_id, code) for order_id, code in self.skipped if code in VOID_REASONS]
 
 
 # --------------------------------------------------------------------------- entry point

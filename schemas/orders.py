@@ -89,6 +89,10 @@ def validate_service_request(sr: Any, *, path: str = "ServiceRequest") -> None:
         )
 
 
+# Skip reasons of void orders: their earlier, untouched suggestions are withdrawn (issue 8, defect 8).
+VOID_REASONS = frozenset({"status_revoked", "status_entered_in_error"})
+
+
 def skip_reason(sr: dict[str, Any]) -> str | None:
     """``None`` when the order should be worked on, else a snake_case reason to count it by.
 

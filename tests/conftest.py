@@ -17,6 +17,13 @@ os.environ.setdefault("EHRW_REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Orders carried inline travel encrypted between consumer and workers (workers/payload.py): one key
+# per session, inherited by every worker and consumer process the tests start.
+os.environ.setdefault("EHRW_PAYLOAD_KEY", "")
+if not os.environ["EHRW_PAYLOAD_KEY"]:
+    from cryptography.fernet import Fernet
+
+    os.environ["EHRW_PAYLOAD_KEY"] = Fernet.generate_key().decode()
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,8 @@ COMPOSE = REPO / "docker-compose.yml"
 SCHEMA = REPO / "tests" / "data" / "compose-spec.json"  # see tests/data/compose-spec.NOTICE.md
 SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|BASIC_AUTH|REDISCLI_AUTH)$")
 REFERENCE = re.compile(r"^\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:\?|\?|:-|-)?(?P<arg>.*)\}$", re.DOTALL)
-DUMMY_ENV = {"REDIS_PASSWORD": "example-password", "FLOWER_BASIC_AUTH": "admin:example"}
+DUMMY_ENV = {"REDIS_PASSWORD": "example-password", "FLOWER_BASIC_AUTH": "admin:example",
+             "EHRW_PAYLOAD_KEY": "example-fernet-key"}
 
 
 class MissingVariable(ValueError):

@@ -30,6 +30,7 @@ from models.registry import ModelRegistry
 from schemas.text import is_imaging_order
 from schemas.writeback import DEVICE_IDENTIFIER_SYSTEM, device_identifier_value
 from tests.support import Topics, publish, read_topic
+from workers.chaos_proxy import FaultProxy
 from workers.demo import actionable_orders, fixture_events, seed_fhir, suggestions_by_order
 
 pytestmark = pytest.mark.services
@@ -132,6 +133,9 @@ def ops(services, worker_env, tiny_registry, tmp_path_factory):
     fhir_port = free_port()
     sekmet = {"proc": start_sekmet(fhir_port, base / "sekmet")}
     fhir_url = f"http://127.0.0.1:{fhir_port}/fhir"
+    # The worker reaches sekmet through a fault proxy that forwards everything until a test tells it
+    # to refuse write-backs (the dead-letter round trip below).
+    proxy = FaultProxy(fhir_url, free_port()).start()
     registry = base / "registry"
     shutil.copytree(tiny_registry, registry)
     queue = f"ops-{uuid.uuid4().hex[:8]}"
@@ -142,13 +146,14 @@ def ops(services, worker_env, tiny_registry, tmp_path_factory):
         "EHRW_WORKER_HTTP_PORT": str(free_port()),
         "EHRW_LOG_FORMAT": "json",
         "EHRW_MODEL_CHECK_INTERVAL_S": "0",
-        "EHRW_FHIR_BASE_URL": fhir_url,
+        "EHRW_FHIR_BASE_URL": proxy.base_url,
     }
     worker = start_worker(env, base / "worker.log", app=app, concurrency=2, name="ops")
     yield {"env": env, "worker": worker, "registry": registry, "queue": queue, "base": base,
            "port": int(env["EHRW_WORKER_HTTP_PORT"]), "fhir_url": fhir_url, "fhir_port": fhir_port,
-           "sekmet": sekmet}  # fmt: skip
+           "sekmet": sekmet, "proxy": proxy}  # fmt: skip
     worker.stop()
+    proxy.stop()
     sekmet["proc"].stop()
 
 
@@ -164,7 +169,9 @@ def replay_run(ops, services):
     consumer = Consumer(ops["env"], topics, ops["base"] / "consumer.log", "--idle-timeout", "120")
     try:
         wait_for(lambda: _answers(consumer.port), 60, "the consumer's /metrics")
-        finished = lambda: total(scrape(consumer.port), "ehrw_events_finished_total") >= len(published)
+        def finished() -> bool:
+            return total(scrape(consumer.port), "ehrw_events_finished_total") >= len(published)
+
         wait_for(finished, 400, f"{len(published)} durable events", interval=2)
         consumer_after = scrape(consumer.port)
         ready = httpx.get(f"http://127.0.0.1:{consumer.port}/readyz", timeout=10)
@@ -301,13 +308,11 @@ def test_refused_writeback_is_dead_lettered_fixed_and_replayed_once(ops, service
     manifest = ModelRegistry(ops["registry"]).load_manifest("protocol")
     device_id = device_identifier_value(manifest.name, manifest.version)
     query = {"identifier": f"{DEVICE_IDENTIFIER_SYSTEM}|{device_id}"}
-    # The cause: someone copied the model's Device, so the write-back's conditional create matches
-    # two resources and the server refuses every transaction (412).
-    device = {
-        "resourceType": "Device",
-        "identifier": [{"system": DEVICE_IDENTIFIER_SYSTEM, "value": device_id}],
-    }
-    extra = [fhir.create(device)["id"] for _ in range(2 - min(1, len(fhir.search("Device", query))))]
+    # The cause: the server refuses these write-backs for the events' sake (422, a business rule),
+    # quoting the request in its diagnostics as servers do. (A duplicated Device, 412, would be the
+    # deployment's problem: the consumer pauses on it instead of dead-lettering, issue 8 defect 5.)
+    quoted = f"rule-{uuid.uuid4().hex[:8]} refused note Ada Lovelace"
+    ops["proxy"].refuse_transactions(422, quoted)
     tag = f"ops-dlq-{uuid.uuid4().hex[:6]}"
     orders = [fhir.put(o) for o in _imaging_orders(3, tag)]
     topics = Topics.fresh("ops-dlq")
@@ -321,13 +326,16 @@ def test_refused_writeback_is_dead_lettered_fixed_and_replayed_once(ops, service
         assert sorted(x["key"] for x in letters) == sorted(o["id"] for o in orders)
         assert not any(suggestions_by_order(fhir).get(o["id"]) for o in orders)
         shown = cli(env, "dlq", "show", letters[0]["dlq"])
-        assert shown.returncode == 0 and "multiple-matches" in shown.stdout, shown.stderr
+        assert shown.returncode == 0 and "business-rule" in shown.stdout, shown.stderr
         assert all(n["text"][:30] not in shown.stdout for o in orders for n in o.get("note", []))
+        assert quoted not in shown.stdout  # the server's diagnostics never reach a dead letter
+        raw_letters = read_topic(services.kafka_bootstrap, topics.dlq)
+        assert not any(quoted.encode() in (v or b"") for r in raw_letters for v in r.headers.values())
+        assert not any(quoted.encode() in r.value for r in read_topic(services.kafka_bootstrap, topics.results))
         body = cli(env, "dlq", "show", letters[0]["dlq"], "--body")
         assert json.loads(body.stdout)["id"] == letters[0]["key"]  # the original event, only on request
     finally:  # the fix
-        for rid in extra:
-            assert httpx.delete(f"{ops['fhir_url']}/Device/{rid}", timeout=10).status_code < 300
+        ops["proxy"].refuse_transactions(None)
     replayed = cli(env, "dlq", "replay", "--reason", "fhir_rejected_writeback", "--since", "1h")
     assert replayed.returncode == 0, replayed.stderr
     assert json.loads(replayed.stdout) == {
@@ -362,9 +370,12 @@ def _new_version(registry: Path, task: str, suffix: str) -> str:
 
 
 def _suggest(ops, order: dict) -> dict:
+    from schemas.events import OrderItem
+    from workers.payload import apply_async_options, payload_cipher
     from workers.tasks import suggest
 
-    return suggest.apply_async(args=[{"service_request": order}], queue=ops["queue"]).get(timeout=120)
+    options = apply_async_options(OrderItem(service_request=order), payload_cipher(os.environ["EHRW_PAYLOAD_KEY"]))
+    return suggest.apply_async(**options, queue=ops["queue"]).get(timeout=120)
 
 
 def test_promote_and_rollback_switch_a_running_worker(ops, services):

@@ -120,3 +120,27 @@ def test_a_late_old_version_is_written_already_superseded(fhir):
     old, new = tasks[f"ServiceRequest/{order_id}/_history/1"], tasks[f"ServiceRequest/{order_id}/_history/2"]
     assert old["status"] == "cancelled" and old["statusReason"]["text"] == "Superseded by version 2 of the order"
     assert new["status"] == "requested"
+
+
+def test_an_inline_revoked_order_cancels_its_open_tasks_through_the_consumer(services, celery_worker):
+    """Defect 8 end to end: an event carrying a revoked order (the parser skips it) still has its
+    earlier open Task cancelled, by a task that carries the order id and reason code only, and the
+    order's one result event says what was cancelled."""
+    import json
+
+    from tests.support import Topics, consume, publish, read_topic
+
+    server = FhirClient(services.fhir_base_url)
+    order_id = uuid.uuid4().hex[:12]
+    _write(server, _put_order(server, order_id))
+    revoked = _put_order(server, order_id, status="revoked")
+    topics = Topics.fresh("void")
+    publish(services.kafka_bootstrap, topics.events, [(order_id, json.dumps(revoked).encode())])
+    stats = consume(services, topics, max_events=1)
+    assert (stats.committed, stats.dead_lettered) == (1, 0), stats.as_dict()
+    (task,) = _tasks(server, order_id).values()
+    assert task["status"] == "cancelled" and task["statusReason"]["text"] == "The order was revoked"
+    results = [r.json() for r in read_topic(services.kafka_bootstrap, topics.results)]
+    assert [(r["status"], r["reason_code"], r["cancelled"]) for r in results] == [
+        ("skipped", "status_revoked", [f"Task/{task['id']}"])
+    ]

@@ -6,6 +6,7 @@ searched for the order's text.
 
 from __future__ import annotations
 
+import json
 import ssl
 import uuid
 
@@ -76,7 +77,7 @@ def test_missing_wrong_or_tampered_keys_fail_clearly(cipher):
         payload_cipher("too-short")
     assert payload_cipher(Settings(payload_key=Fernet.generate_key().decode()).payload_key) is not None
     with pytest.raises(PayloadError, match="EHRW_PAYLOAD_KEY is not set"):
-        payload_cipher(Settings().payload_key)
+        payload_cipher(Settings(payload_key=None).payload_key)
     payload = task_payload(OrderItem(service_request=_order()), cipher)
     with pytest.raises(PayloadError, match="cannot be decrypted"):
         open_task_payload(payload, payload_cipher(Fernet.generate_key().decode()))
@@ -259,3 +260,98 @@ def test_fhir_over_tls_trusts_the_configured_ca_only(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# -- end to end: consumer, Redis, Celery worker, FHIR, result and dead-letter topics ----------------
+
+
+def _redis_values(client) -> list[tuple[bytes, bytes]]:
+    """(key, value) for every value of every key in the test database."""
+    readers = {
+        b"string": lambda k: [client.get(k)],
+        b"list": lambda k: client.lrange(k, 0, -1),
+        b"hash": lambda k: [f + b"=" + v for f, v in client.hgetall(k).items()],
+        b"set": lambda k: list(client.smembers(k)),
+        b"zset": lambda k: client.zrange(k, 0, -1),
+    }
+    out = []
+    for key in client.scan_iter(count=1000):
+        out += [(key, v or b"") for v in readers.get(client.type(key), lambda k: [])(key)]
+    return out
+
+
+def test_note_text_reaches_no_redis_key_dead_letter_header_or_result_event(services, celery_worker):
+    """Defects 9 and 10 end to end: orders with a distinctive note go through success (versioned and
+    unversioned inline orders), the dead-letter topic and a retry on the real consumer, Redis and a
+    Celery worker; no Redis key, dead-letter header or result event holds the note."""
+    import copy
+
+    import redis
+
+    from connectors.fhir import FhirClient
+    from connectors.kafka import Incoming
+    from schemas.events import parse_event
+    from schemas.text import is_imaging_order
+    from tests.support import Topics, consume, publish, read_topic
+    from workers.demo import actionable_orders, fixture_events, seed_fhir, suggestions_by_order
+    from workers.dispatch import CeleryDispatcher
+
+    fhir = FhirClient(services.fhir_base_url)
+    patients, events = fixture_events()
+    template = next(o for o in actionable_orders(seed_fhir(fhir, patients, events)) if is_imaging_order(o))
+    marker = f"Zanzibar{uuid.uuid4().hex[:10]}"
+    orders = []
+    for n in range(2):
+        sr = copy.deepcopy(template)
+        sr.update(id=f"priv-{n}-{uuid.uuid4().hex[:8]}", note=[{"text": f"{marker} Quagmire, 47, Fabry?"}])
+        sr.pop("meta", None)
+        stored = fhir.put(sr)
+        orders.append(stored if n == 0 else {k: v for k, v in stored.items() if k != "meta"})
+    bad = {**orders[0], "id": f"priv-bad-{uuid.uuid4().hex[:6]}"}
+    bad.pop("subject")  # the parser rejects it: a dead letter holding the note in its body only
+    topics = Topics.fresh("privacy")
+    raws = [json.dumps(o).encode() for o in [*orders, bad]]
+    publish(services.kafka_bootstrap, topics.events, [(None, raw) for raw in raws])
+
+    # A retry: a round whose tasks sit in a queue no worker reads (what Redis holds while waiting).
+    client = redis.Redis.from_url(services.redis_url)
+    idle_queue = f"privacy-idle-{uuid.uuid4().hex[:8]}"
+    dispatcher = CeleryDispatcher(group=topics.group, queue=idle_queue, no_keepalive_timeout_s=1.0)
+    batch = [Incoming(topics.events, 0, 1000 + i, None, raw, parse_event(raw)) for i, raw in enumerate(raws[:2])]
+    try:
+        outcomes = dispatcher(batch)
+        assert [o.status for o in outcomes] == ["retry", "retry"]
+        assert client.llen(idle_queue) == 2
+        leaked = [k for k, v in _redis_values(client) if marker.encode() in v]
+        assert leaked == [], leaked
+    finally:
+        client.delete(idle_queue)
+        dispatcher.finished(batch)
+
+    stats = consume(services, topics, max_events=3)
+    assert (stats.committed, stats.dead_lettered) == (3, 1), stats.as_dict()
+    found = suggestions_by_order(fhir)
+    assert all(len(found.get(o["id"], {}).get("Task", [])) == 1 for o in orders)
+    letters = read_topic(services.kafka_bootstrap, topics.dlq)
+    assert len(letters) == 1 and marker.encode() in letters[0].value  # the original bytes, for replay
+    assert not [h for r in letters for h, v in r.headers.items() if marker.encode() in (v or b"")]
+    results = read_topic(services.kafka_bootstrap, topics.results)
+    assert results and not [r.key for r in results if marker.encode() in r.value]
+    leaked = [k for k, v in _redis_values(client) if marker.encode() in v]
+    assert leaked == [], leaked
+
+
+def test_dead_letter_headers_and_result_events_keep_outcome_codes_only():
+    """Whoever built a result (an older worker, a bug), the consumer reduces its OperationOutcome
+    to codes again before it becomes a result event or a dead-letter header."""
+    from connectors.dlq import reason_headers
+    from workers.dispatch import outcome_for_event
+
+    raw = {"resourceType": "OperationOutcome",
+           "issue": [{"severity": "error", "code": "invariant", "diagnostics": NOTE, "details": {"text": NOTE}}]}  # fmt: skip
+    outcome = outcome_for_event([{"order": "ServiceRequest/o1", "status": "rejected", "operation_outcome": raw}])
+    assert outcome.status == "dead_letter" and NOTE not in json.dumps(outcome.results)
+    headers = reason_headers(topic="t", partition=0, offset=1, reason_code="fhir_rejected_writeback",
+                             reason="refused", details={"operation_outcome": raw})  # fmt: skip
+    assert all(NOTE.encode() not in value for _, value in headers)
+    assert b'"code":"invariant"' in dict(headers)["ehrw-details"]

@@ -46,6 +46,10 @@ def make_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         timezone="UTC",
     )
+    # rel-b: broker/backend password, rediss:// TLS and socket timeouts, keeping visibility_timeout.
+    from workers.clients import configure_celery_connection
+
+    configure_celery_connection(app, settings)
     return app
 
 
@@ -54,18 +58,21 @@ app = make_app(get_settings())
 
 @signals.worker_init.connect
 def verify_registry_before_forking(**_: Any) -> None:
-    """Refuse to start on a missing or corrupt model, before any pool process exists.
+    """Refuse to start on a missing or corrupt model, or without ``EHRW_PAYLOAD_KEY``, before any
+    pool process exists.
 
     Celery logs and swallows exceptions from signal handlers, so this exits explicitly: a worker
     that cannot load its models must not take orders off the queue.
     """
     from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
+    from workers.payload import PayloadError, payload_cipher
 
     registry = ModelRegistry(get_settings().model_registry)
     try:
         for task in ("protocol", "diagnosis"):
             registry.verify(task)
-    except (ModelIntegrityError, ModelNotFoundError) as exc:
+        payload_cipher(get_settings().payload_key)  # the consumer's key for orders carried inline
+    except (ModelIntegrityError, ModelNotFoundError, PayloadError) as exc:
         logging.getLogger("workers").critical("refusing to start: %s", exc)
         print(f"ehr-worker: refusing to start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None

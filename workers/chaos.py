@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import Fernet
 from kafka import KafkaConsumer, TopicPartition
 
 from connectors.embedded import ManagedProcess, free_port, start_sekmet
@@ -78,6 +79,9 @@ class ChaosLab:
         self.kafka_bootstrap = kafka_bootstrap
         self.redis_url = redis_url
         self.registry = Path(registry)
+        # Consumer and worker share the key of inline orders (workers/payload.py): the lab's own
+        # when none is set.
+        self.payload_key = os.environ.get("EHRW_PAYLOAD_KEY") or Fernet.generate_key().decode()
         self.concurrency = concurrency
         self.queue = f"chaos-{uuid.uuid4().hex[:8]}"
         self.fhir_port = free_port()
@@ -98,6 +102,7 @@ class ChaosLab:
             "EHRW_TASK_SOFT_TIME_LIMIT_S": "20",
             "EHRW_TASK_HARD_TIME_LIMIT_S": "30",
             "EHRW_BROKER_VISIBILITY_TIMEOUT_S": "60",
+            "EHRW_PAYLOAD_KEY": self.payload_key,
         }
 
     def start(self) -> ChaosLab:
@@ -144,6 +149,7 @@ class ChaosLab:
             "kafka_dlq_topic": f"dlq-{tag}", "kafka_result_topic": f"res-{tag}", "redis_url": self.redis_url,
             "celery_queue": self.queue, "event_max_attempts": 3, "retry_backoff_s": 0.2, "retry_backoff_max_s": 2.0,
             "retry_after_max_s": 30.0, "max_in_flight": 64, "max_in_flight_orders": 32, "task_timeout_s": 30.0,
+            "payload_key": self.payload_key,
         }  # fmt: skip
         values.update(changes)
         return Settings(**values)
@@ -368,7 +374,7 @@ def kill_consumer_before_commit(at_commit: int = 3) -> Fault:
     committing them (the worst moment), then a fresh consumer takes over."""
 
     def fault(run: RowRun) -> None:
-        env = {**os.environ, **settings_env(run.settings)}
+        env = {**os.environ, **settings_env(run.settings), "EHRW_PAYLOAD_KEY": run.lab.payload_key}
         proc = subprocess.run([sys.executable, "-m", "workers.chaos", "crash-consumer", str(at_commit)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False)  # fmt: skip
         run.notes.append(f"consumer killed by SIGKILL (exit {proc.returncode}) at {run.progress():.0%}")

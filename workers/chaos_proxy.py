@@ -7,7 +7,10 @@ It forwards every request to the real server unless told to misbehave:
 - ``drop(True)``: close connections without answering (a server that is gone);
 - ``poison(ids)``: a read of ``ServiceRequest/{id}`` returns a valid-looking order with an
   ``extension`` nested 150 deep (about 5 kB), as a server that stores whatever it is sent would:
-  the "fetched order that breaks validation" of issue 8, defect 1.
+  the "fetched order that breaks validation" of issue 8, defect 1;
+- ``refuse_transactions(status, diagnostics)``: answer ``status`` (400, 422) with an
+  OperationOutcome (code ``business-rule``, the given ``diagnostics`` text) to every transaction
+  Bundle posted to the base: a server refusing the write-back for the event's sake.
 
 Counts of what it answered are kept per status. Only for tests and chaos runs; never in production.
 """
@@ -63,6 +66,7 @@ class FaultProxy:
         self._retry_after: float | None = None
         self._drop = False
         self._poisoned: set[str] = set()
+        self._refusal: tuple[int, str] | None = None
         self._rng = random.Random(0)
         self._http = httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=64))
         self._server = _QuietServer(("127.0.0.1", port), self._handler())
@@ -89,6 +93,11 @@ class FaultProxy:
         with self._lock:
             self._drop = on
 
+    def refuse_transactions(self, status: int | None, diagnostics: str = "") -> None:
+        """Refuse (``status``) or, with ``None``, forward again every transaction Bundle."""
+        with self._lock:
+            self._refusal = None if status is None else (status, diagnostics)
+
     def poison(self, ids: set[str]) -> None:
         with self._lock:
             self._poisoned |= set(ids)
@@ -104,6 +113,8 @@ class FaultProxy:
             if self._status is not None and self._rng.random() < self._fraction:
                 return "status", (self._status, self._retry_after)
             parts = path.split("?")[0].strip("/").split("/")
+            if method == "POST" and parts == ["fhir"] and self._refusal is not None:
+                return "refuse", self._refusal
             if method == "GET" and len(parts) >= 3 and parts[1] == "ServiceRequest" and parts[2] in self._poisoned:
                 return "poison", parts[2]
         return "forward", None
@@ -143,6 +154,12 @@ class FaultProxy:
                     if retry_after is not None:
                         headers["Retry-After"] = str(int(retry_after))
                     self._answer(status, json.dumps(outcome).encode(), headers)
+                    return
+                if action == "refuse":
+                    status, diagnostics = arg
+                    outcome = {"resourceType": "OperationOutcome", "issue": [
+                        {"severity": "error", "code": "business-rule", "diagnostics": diagnostics}]}  # fmt: skip
+                    self._answer(status, json.dumps(outcome).encode(), {"Content-Type": "application/fhir+json"})
                     return
                 if action == "poison":
                     self._answer(200, json.dumps(poisoned_order(arg)).encode(), {"Content-Type": "application/fhir+json"})

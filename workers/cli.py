@@ -68,8 +68,15 @@ def consume(
     observer = start_consumer_observability(s)  # Operations (issue 9): JSON logs, /metrics, /readyz, traces
     if verbose:
         logging.getLogger().setLevel(logging.DEBUG)
-    ensure_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic, s.kafka_result_topic])
-    stats = build_consumer(s, observer=observer).run(build_dispatcher(s), idle_timeout_s=idle_timeout, max_events=max_events)
+    from workers.clients import kafka_client_config
+    from workers.payload import PayloadError
+
+    try:
+        dispatcher = build_dispatcher(s)  # refuses to start without EHRW_PAYLOAD_KEY
+    except PayloadError as exc:
+        _fail(str(exc))
+    ensure_topics(s.kafka_bootstrap, [s.kafka_topic, s.kafka_dlq_topic, s.kafka_result_topic], **kafka_client_config(s))
+    stats = build_consumer(s, observer=observer).run(dispatcher, idle_timeout_s=idle_timeout, max_events=max_events)
     typer.echo(json.dumps(stats.as_dict()))
 
 

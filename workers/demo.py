@@ -210,9 +210,9 @@ def run_demo(*, keep_running: bool = False, profile: str = "default") -> bool:
         stack.publish([(key.encode() if (key := event_key(raw)) else None, raw) for _, raw in published])
         console.print(f"[bold]Published {len(published)} events[/] to {settings.kafka_topic}; consuming…")
 
-        consumer = build_consumer(settings)
+        consumer = build_consumer(stack.settings)  # the stack's: its payload key is the worker's
         started = time.monotonic()
-        stats = consumer.run(build_dispatcher(settings), max_events=len(published), idle_timeout_s=60)
+        stats = consumer.run(build_dispatcher(stack.settings), max_events=len(published), idle_timeout_s=60)
         elapsed = time.monotonic() - started
         console.print(f"consumed {len(published)} events in {elapsed:.1f}s: {stats.as_dict()}")
 

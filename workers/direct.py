@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from connectors.replay import iter_fixture_events
 from schemas.events import EventRejected, parse_event
-from workers.dispatch import order_item_payload
+from workers.payload import apply_async_options, payload_cipher
+from workers.settings import get_settings
 from workers.tasks import suggest
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ def replay_direct(paths: Iterable[Path], *, rate: float | None = None, timeout_s
     counts: Counter[str] = Counter()
     pending = []
     interval = 1.0 / rate if rate else 0.0
+    cipher = payload_cipher(get_settings().payload_key)  # inline orders travel encrypted
     for event in tqdm(list(iter_fixture_events(paths)), desc="replay", unit="event"):
         started = time.monotonic()
         try:
@@ -32,7 +34,7 @@ def replay_direct(paths: Iterable[Path], *, rate: float | None = None, timeout_s
             log.warning("%s rejected: %s (%s)", event.source, exc.code, exc.message)
             continue
         counts["skipped"] += len(parsed.skipped)
-        pending += [suggest.apply_async(args=[order_item_payload(item)]) for item in parsed.items]
+        pending += [suggest.apply_async(**apply_async_options(item, cipher)) for item in parsed.items]
         if interval:
             time.sleep(max(0.0, interval - (time.monotonic() - started)))
     deadline = time.monotonic() + timeout_s

@@ -29,14 +29,17 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.kafka import EventConsumer, EventOutcome, Incoming
 from connectors.retry import RedisAttempts, RetryKind
-from schemas.events import OrderItem
+from schemas.events import OrderItem, ParsedEvent
+from schemas.outcomes import outcome_codes
+from workers.clients import kafka_client_config
 from workers.observability import task_options  # Operations (issue 9)
-from workers.settings import Settings
+from workers.payload import apply_async_options, payload_cipher
+from workers.settings import Settings, get_settings
 from workers.tasks import STATUS_DEPLOYMENT, STATUS_FAILED, STATUS_UNAVAILABLE, app, suggest
 
 log = logging.getLogger(__name__)
@@ -52,8 +55,25 @@ _KIND_OF_STATUS: dict[str, RetryKind] = {
 _MARKER_CHECK_EVERY_S = 5.0
 
 
-def order_item_payload(item: OrderItem) -> dict[str, Any]:
-    return {k: v for k, v in asdict(item).items() if v is not None}
+@dataclass(frozen=True)
+class VoidOrder:
+    """An inline order the parser skipped as void (revoked, entered in error): a task carrying its
+    id and reason code only cancels its earlier open suggestion Tasks (issue 8, defect 8)."""
+
+    order_id: str
+    reason_code: str
+
+    def apply_async_options(self) -> dict[str, Any]:
+        reference = f"ServiceRequest/{self.order_id}"
+        return {"args": [{"reference": reference, "void": self.reason_code}],
+                "argsrepr": f"({reference} void={self.reason_code})", "kwargsrepr": "{}"}  # fmt: skip
+
+
+def work_items(event: ParsedEvent) -> list[OrderItem | VoidOrder]:
+    """One task per order of the event: its orders to work on, then its void orders."""
+    items: list[OrderItem | VoidOrder] = list(unique_orders(event.items))
+    ids = {item.order_id for item in items}
+    return items + [VoidOrder(order_id, code) for order_id, code in dict(event.void_orders).items() if order_id not in ids]
 
 
 def task_id_for(group: str, inc: Incoming, order_id: str) -> str:
@@ -72,7 +92,12 @@ def unique_orders(items: list[OrderItem]) -> list[OrderItem]:
 
 
 def outcome_for_event(results: list[dict[str, Any]]) -> EventOutcome:
-    """The event's outcome once each of its orders has a final result."""
+    """The event's outcome once each of its orders has a final result (OperationOutcomes reduced to
+    codes again: they become result events and dead-letter headers)."""
+    results = [
+        {**r, "operation_outcome": outcome_codes(r["operation_outcome"])} if "operation_outcome" in r else r
+        for r in results
+    ]
     rejected = [r for r in results if r.get("status") == "rejected"]
     if rejected:
         first = rejected[0]
@@ -104,7 +129,7 @@ def retry_outcome(result: dict[str, Any]) -> EventOutcome:
 @dataclass
 class _Event:
     inc: Incoming
-    orders: dict[str, OrderItem]  # task id -> order
+    orders: dict[str, OrderItem | VoidOrder]  # task id -> order
     keys: set[str]
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: bool = False
@@ -126,8 +151,11 @@ class CeleryDispatcher:
         marker_ttl_s: int = 3600,
         tick_s: float = 0.05,
         queue: str | None = None,
+        cipher: Any | None = None,
     ) -> None:
         self.group = group
+        # Orders carried inline travel encrypted (workers/payload.py); no key fails here, at start.
+        self.cipher = cipher if cipher is not None else payload_cipher(get_settings().payload_key)
         self.queue = queue
         self.timeout_s = timeout_s
         self.no_keepalive_timeout_s = no_keepalive_timeout_s
@@ -190,7 +218,7 @@ class CeleryDispatcher:
 
     def _plan(self, inc: Incoming) -> _Event:
         orders = {
-            task_id_for(self.group, inc, item.order_id): item for item in unique_orders(inc.event.items)
+            task_id_for(self.group, inc, item.order_id): item for item in work_items(inc.event)
         }
         keys = {f"o:{item.order_id}" for item in orders.values()}
         if inc.key:
@@ -243,14 +271,16 @@ class CeleryDispatcher:
 
     # -- Redis -------------------------------------------------------------------------------------
 
-    def _send(self, tid: str, inc: Incoming, item: OrderItem) -> None:
+    def _send(self, tid: str, inc: Incoming, item: OrderItem | VoidOrder) -> None:
         if not self._redis.set(f"ehrw:sent:{tid}", b"1", nx=True, ex=self.marker_ttl_s):
             return  # sent before (an earlier round, consumer or owner): wait for that one
         try:
-            # argsrepr/kwargsrepr: no log line may print the order (Celery logs arguments at INFO).
-            # Operations (issue 9): event/trace headers, and an argsrepr of ids only (logs, Flower).
-            options = task_options(inc.topic, inc.partition, inc.offset, item.order_id)
-            suggest.apply_async(args=[order_item_payload(item)], task_id=tid, queue=self.queue, **options)
+            # The task carries ids in clear and an inline order only encrypted; argsrepr/kwargsrepr
+            # name ids only (Celery logs arguments at INFO). Operations (issue 9): event/trace headers.
+            options = {**task_options(inc.topic, inc.partition, inc.offset, item.order_id),
+                       **(item.apply_async_options() if isinstance(item, VoidOrder)
+                          else apply_async_options(item, self.cipher))}  # fmt: skip
+            suggest.apply_async(task_id=tid, queue=self.queue, **options)
         except Exception:
             self._redis.delete(f"ehrw:sent:{tid}")
             raise
@@ -307,7 +337,7 @@ class CeleryDispatcher:
         tids = [
             task_id_for(self.group, inc, item.order_id)
             for inc in incomings
-            for item in unique_orders(inc.event.items)
+            for item in work_items(inc.event)
         ]
         for start in range(0, len(tids), 500):
             self._forget(tids[start : start + 500])
@@ -323,6 +353,7 @@ def build_dispatcher(settings: Settings) -> CeleryDispatcher:
         # A sent task may wait in an unacknowledged state this long before Redis re-delivers it.
         marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 60),
         queue=settings.celery_queue,
+        cipher=payload_cipher(settings.payload_key),
     )
 
 
@@ -344,6 +375,7 @@ def build_consumer(settings: Settings, **overrides: object) -> EventConsumer:
         "retry_backoff_s": settings.retry_backoff_s,
         "retry_backoff_max_s": settings.retry_backoff_max_s,
         "retry_after_max_s": settings.retry_after_max_s,
+        "client_config": kafka_client_config(settings),  # TLS/SASL, as every other Kafka client
     }
     kwargs.update(overrides)
     return EventConsumer(**kwargs)  # type: ignore[arg-type]

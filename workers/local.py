@@ -103,6 +103,13 @@ class LocalStack:
         self.services = EmbeddedServices(workdir, kafka_port=kafka_port, fhir_port=fhir_port, redis_port=redis_port)
         self.settings = settings.model_copy(update={"kafka_bootstrap": self.services.kafka_bootstrap,
                                                     "fhir_base_url": self.services.fhir_base_url})
+        if self.settings.payload_key is None:
+            # A local stack (demo, bench) makes its own key for the orders its consumer hands its
+            # workers; a deployment sets EHRW_PAYLOAD_KEY (docs/security.md).
+            from cryptography.fernet import Fernet
+            from pydantic import SecretStr
+
+            self.settings.payload_key = SecretStr(Fernet.generate_key().decode())
         self.workdir = self.services.workdir
         self._app = app
         self.workers: list[WorkerProcess] = []
@@ -124,6 +131,7 @@ class LocalStack:
             "EHRW_FHIR_BASE_URL": s.fhir_base_url,
             "EHRW_MODEL_REGISTRY": str(Path(s.model_registry).resolve()),
             "EHRW_MODEL_THREADS": str(s.model_threads),
+            **({"EHRW_PAYLOAD_KEY": s.payload_key.get_secret_value()} if s.payload_key else {}),
             **extra,
         }
 

@@ -16,6 +16,7 @@ from typing import Any
 from celery import signals
 
 from workers import logs, metrics, tracing
+from workers.clients import kafka_client_config, redis_url
 from workers.health import fhir_check, kafka_check, models_check, redis_check, start_server
 from workers.settings import Settings, get_settings
 
@@ -80,7 +81,7 @@ def _worker_ready(**_: Any) -> None:
     """The main process serves the metrics of all its pool children (after the pool has forked)."""
     s = get_settings()
     checks = {
-        "redis": redis_check(s.redis_url),
+        "redis": redis_check(redis_url(s)),
         "fhir": fhir_check(s.fhir_base_url),
         "models": models_check(s.model_registry),
     }
@@ -152,8 +153,8 @@ def start_consumer_observability(settings: Settings) -> metrics.ConsumerMetrics:
         metrics.reset_files()
     tracing.configure(settings, role="consumer")
     checks = {
-        "kafka": kafka_check(settings.kafka_bootstrap),
-        "redis": redis_check(settings.redis_url),
+        "kafka": kafka_check(settings.kafka_bootstrap, kafka_client_config(settings)),
+        "redis": redis_check(redis_url(settings)),
         "fhir": fhir_check(settings.fhir_base_url),
     }
     _serve(settings, settings.consumer_http_port, checks, "consumer")

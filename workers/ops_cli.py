@@ -40,8 +40,11 @@ def _letters(reason: list[str] | None, since: str | None, topic: str | None = No
         since_at = parse_since(since) if since else None
     except ValueError as exc:
         _fail(str(exc))
+    from workers.clients import kafka_client_config
+
     return s, read_dead_letters(
-        s.kafka_bootstrap, topic or s.kafka_dlq_topic, reasons=reason or (), since=since_at
+        s.kafka_bootstrap, topic or s.kafka_dlq_topic, reasons=reason or (), since=since_at,
+        client_config=kafka_client_config(s),
     )
 
 
@@ -122,7 +125,10 @@ def dlq_replay(
         )
         return
     try:
-        report = replay_dead_letters(letters, bootstrap=s.kafka_bootstrap, topic=target)
+        from workers.clients import kafka_client_config
+
+        report = replay_dead_letters(letters, bootstrap=s.kafka_bootstrap, topic=target,
+                                     client_config=kafka_client_config(s))
     except RuntimeError as exc:
         _fail(str(exc), code=1)
     typer.echo(json.dumps(report.as_dict()))

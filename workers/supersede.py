@@ -136,6 +136,16 @@ def cancel_open_tasks(fhir: FhirClient, order_id: str, reason_code: str) -> list
     return []
 
 
+def cancel_void_order(fhir: FhirClient, reference: str, reason_code: str) -> dict[str, Any]:
+    """The result of an inline void order (``ServiceRequest/{id}``, a code of
+    :data:`VOID_ORDER_REASONS`): its open suggestion Tasks cancelled, reported as ``skipped``."""
+    parsed = parse_reference(reference)
+    if parsed is None or parsed.resource_type != "ServiceRequest" or reason_code not in VOID_ORDER_REASONS:
+        raise ValueError("a void-order task needs a ServiceRequest reference and a void reason code")
+    cancelled = cancel_open_tasks(fhir, parsed.id, reason_code)
+    return {"order": f"ServiceRequest/{parsed.id}", "status": "skipped", "reason_code": reason_code, "cancelled": cancelled}
+
+
 def _newest_numeric_version(tasks: list[dict[str, Any]]) -> str | None:
     """The highest numeric order version the Tasks focus (non-numeric ids cannot be ordered)."""
     versions = [parse_reference(t["focus"]["reference"]).version for t in tasks]  # type: ignore[union-attr]

@@ -19,16 +19,17 @@ from typing import Any
 from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 
-from connectors.fhir import FhirClient, FhirTransientError
+from connectors.fhir import FhirClient, FhirConfigurationError, FhirTransientError
 from models.diagnosis import load_diagnosis_model
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
-from schemas.events import OrderItem
 from workers.app import app
 from workers.clients import build_fhir_client  # rel-b: one builder (SMART, TLS trust, http:// refusal)
+from workers.payload import PayloadError, open_task_payload, payload_cipher
 from workers.pipeline import ModelSet, suggest_for_order
 from workers.rollout import process_holder  # Operations (issue 9)
 from workers.settings import Settings, get_settings
+from workers.supersede import cancel_void_order
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ def process_fhir_client() -> FhirClient:
     return build_fhir_client(get_settings())
 
 
+@lru_cache(maxsize=1)
+def process_cipher() -> Any:
+    """The cipher for orders carried inline (``EHRW_PAYLOAD_KEY``, shared with the consumer)."""
+    return payload_cipher(get_settings().payload_key)
+
+
 @signals.worker_process_init.connect
 def _load_per_process(**_: Any) -> None:
     process_models()
@@ -65,74 +72,6 @@ STATUS_FAILED = "failed"  # this order failed (a bug, a timeout): spends the eve
 # the OOM killer on one order) reports failure instead of running again.
 MAX_RUNS_PER_TASK = 3
 _RUNS_TTL_S = 24 * 3600
-
-# FhirPermanentError statuses that say the deployment is wrong, not the event (issue 8, defect 5).
-# 404 is only the deployment's when the server's own /metadata is missing too (wrong base URL).
-_DEPLOYMENT_STATUSES = frozenset({401, 403, 407, 408, 412})
-
-
-class FhirDeploymentProblem(Exception):
-    """The FHIR server refuses the worker itself (credentials, scopes, base URL): no order can succeed.
-
-    TODO(rel-b): connectors.fhir will raise its own type for this; until then it is recognised
-    here by status code from FhirPermanentError (see :func:`deployment_problem`).
-    """
-
-    def __init__(self, status: int | None, operation: str) -> None:
-        super().__init__(f"{operation}: HTTP {status}")
-        self.status = status
-
-
-def deployment_problem(exc: BaseException, fhir: FhirClient | None = None) -> FhirDeploymentProblem | None:
-    """The deployment problem ``exc`` reveals, or None when it is the order's own problem."""
-    from connectors.fhir import FhirError, FhirPermanentError
-
-    if isinstance(exc, FhirDeploymentProblem):
-        return exc
-    if isinstance(exc, FhirPermanentError):
-        operation = getattr(exc, "operation", "") or ""
-        if "token" in operation.lower() or exc.status in _DEPLOYMENT_STATUSES:
-            return FhirDeploymentProblem(exc.status, operation)
-        if exc.status == 404 and fhir is not None and not _server_answers(fhir):
-            return FhirDeploymentProblem(404, "GET metadata (wrong EHRW_FHIR_BASE_URL?)")
-        return None
-    if isinstance(exc, FhirError) and not isinstance(exc, FhirTransientError):
-        # A FhirError that is neither transient nor permanent: connectors.fhir's deployment type.
-        return FhirDeploymentProblem(getattr(exc, "status", None), type(exc).__name__)
-    return None
-
-
-def _server_answers(fhir: FhirClient) -> bool:
-    try:
-        return fhir.ping()
-    except Exception:  # noqa: BLE001 - no answer at all is the same verdict
-        return False
-
-
-class _GuardedFhir:
-    """The FHIR client as the pipeline sees it, except that deployment problems are raised as
-    :class:`FhirDeploymentProblem` (not a FhirPermanentError, so the pipeline cannot turn them into
-    a per-order rejection that would dead-letter every event while a token is expired)."""
-
-    def __init__(self, client: FhirClient) -> None:
-        self._client = client
-
-    def __getattr__(self, name: str) -> Any:
-        target = getattr(self._client, name)
-        if not callable(target) or name.startswith("_"):
-            return target
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return target(*args, **kwargs)
-            except Exception as exc:
-                problem = deployment_problem(exc, self._client)
-                if problem is not None:
-                    raise problem from None
-                raise
-
-        return guarded
-
 
 def _count_run(task_id: str | None) -> int:
     """How many times this task id has started (Redis, shared by all workers); 1 when unknown."""
@@ -154,27 +93,29 @@ def _not_final(order: str | None, status: str, reason_code: str, **extra: Any) -
 
 
 @app.task(name="ehr_worker.suggest_for_order", bind=True, max_retries=0)
-def suggest(self, item: dict[str, Any]) -> dict[str, Any]:
-    """Suggest protocol and diagnoses for one order. ``item``: ``{"service_request": {...}}`` or
-    ``{"reference": "ServiceRequest/1"}``. Returns the outcome (the result event), always: a
-    transient failure, a deployment problem or a bug is reported as a non-final status (see the
-    ``STATUS_*`` constants) and the consumer decides about retrying. The task never retries itself:
-    one owner of retries, one clock, one budget (issue 8)."""
-    sr = item.get("service_request")
-    order = f"ServiceRequest/{sr.get('id')}" if isinstance(sr, dict) else item.get("reference")
+def suggest(self, payload: dict[str, Any]) -> dict[str, Any]:
+    """Suggest protocol and diagnoses for one order. ``payload``: see :mod:`workers.payload` (the
+    order reference and idempotency key in clear, an inline order only encrypted). Returns the
+    outcome (the result event), always: a transient failure, a deployment problem or a bug is
+    reported as a non-final status (see the ``STATUS_*`` constants) and the consumer decides about
+    retrying. The task never retries itself: one owner of retries, one clock, one budget (issue 8)."""
+    order = payload.get("reference") if isinstance(payload, dict) else None
     runs = _count_run(self.request.id)
     if runs > MAX_RUNS_PER_TASK:
         log.error("order %s: task started %d times without finishing; giving up on it", order, runs - 1)
         return _not_final(order, STATUS_FAILED, "worker_lost", error_type="WorkerLostError")
     settings = get_settings()
     try:
-        order_item = OrderItem(service_request=sr, reference=item.get("reference"))
+        if payload.get("void"):  # an inline void order: withdraw its open suggestions (ids only)
+            return cancel_void_order(process_fhir_client(), payload["reference"], payload["void"])
+        item, fallback = open_task_payload(payload, process_cipher())
         return suggest_for_order(
-            order_item,
-            _GuardedFhir(process_fhir_client()),  # type: ignore[arg-type]
+            item,
+            process_fhir_client(),
             process_models(),
             enrich_context=settings.fhir_enrich_context,
             top_k=settings.top_k,
+            fallback=fallback,
         )
     except FhirTransientError as exc:
         # The client already retried quickly; the consumer waits (Retry-After included) and re-sends.
@@ -182,9 +123,13 @@ def suggest(self, item: dict[str, Any]) -> dict[str, Any]:
         return _not_final(
             order, STATUS_UNAVAILABLE, "fhir_unavailable", http_status=exc.status, retry_after=exc.retry_after
         )
-    except FhirDeploymentProblem as exc:
-        log.error("order %s: FHIR deployment problem (HTTP %s)", order, exc.status)
-        return _not_final(order, STATUS_DEPLOYMENT, "fhir_deployment", http_status=exc.status)
+    except (FhirConfigurationError, PayloadError) as exc:
+        # The deployment's problem (credentials, base URL, 408/412, a wrong payload key): every
+        # order would fail alike, so the consumer pauses and retries; never a dead letter.
+        log.error("order %s: deployment problem (%s, HTTP %s)", order, type(exc).__name__, getattr(exc, "status", None))
+        return _not_final(order, STATUS_DEPLOYMENT, "fhir_deployment" if isinstance(exc, FhirConfigurationError)
+                          else "payload_key", http_status=getattr(exc, "status", None),
+                          retry_after=getattr(exc, "retry_after", None))  # fmt: skip
     except SoftTimeLimitExceeded:
         log.error("order %s: soft time limit exceeded", order)
         return _not_final(order, STATUS_FAILED, "task_timeout", error_type="SoftTimeLimitExceeded")

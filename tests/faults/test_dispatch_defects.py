@@ -69,6 +69,7 @@ def test_a_bundle_of_many_orders_is_bounded_deduplicated_and_never_queued_twice(
     ids = [f"lab-{uuid.uuid4().hex[:6]}-{i}" for i in range(300)]
     entries = [{"resource": _lab_order(i)} for i in ids] + [{"resource": _lab_order(i)} for i in ids[:50]]
     inc = _incoming(7, {"resourceType": "Bundle", "type": "collection", "entry": entries})
+    # a short round (0.2 s) so the bundle outlasts it even on a fast worker
     dispatcher = CeleryDispatcher(group=f"g-{uuid.uuid4().hex[:6]}", timeout_s=0.2, max_in_flight_orders=20)
     box, stop = _queue_sampler("ehr-worker")
     rounds = 0
@@ -103,9 +104,9 @@ def test_events_with_the_same_key_run_one_after_the_other(services, celery_worke
     events: list[tuple[str, int, float]] = []
 
     class Recording(CeleryDispatcher):
-        def _send(self, tid, item):
+        def _send(self, tid, inc, item):
             events.append(("sent", id(item), time.monotonic()))
-            super()._send(tid, item)
+            super()._send(tid, inc, item)
 
         def _record(self, event, tid, result):
             events.append(("done", id(event.orders[tid]), time.monotonic()))
@@ -121,19 +122,26 @@ def test_events_with_the_same_key_run_one_after_the_other(services, celery_worke
     assert min(when[("sent", id(batch[i].event.items[0]))] for i in (1, 2, 3, 4)) < when[("done", id(items[0]))]
 
 
-def test_deployment_problems_are_told_apart_from_the_orders_own(services):
-    """Defect 5: a wrong base URL (404 on /metadata too) or a refused credential is the
-    deployment's problem; a missing order on a healthy server stays the order's."""
-    from workers.tasks import FhirDeploymentProblem, _GuardedFhir, deployment_problem
+def test_deployment_problems_are_told_apart_from_the_orders_own(services, monkeypatch):
+    """Defect 5: a wrong base URL (404 on /metadata too) is the deployment's problem and the task
+    reports it as such (the consumer pauses, never dead-letters); a missing order on a healthy
+    server stays the order's. One classification: the client's FhirConfigurationError (the
+    statuses 401/403/408/412 are covered in tests/test_connectors_fhir.py)."""
+    from connectors.fhir import FhirConfigurationError
+    from workers import tasks
 
-    good = _GuardedFhir(FhirClient(services.fhir_base_url, max_retries=0))
+    good = FhirClient(services.fhir_base_url, max_retries=0)
     with pytest.raises(FhirPermanentError) as missing:
         good.read("ServiceRequest/does-not-exist-42")
     assert missing.value.status == 404
-    wrong = _GuardedFhir(FhirClient(services.fhir_base_url.replace("/fhir", "/wrong-base"), max_retries=0))
-    with pytest.raises(FhirDeploymentProblem):
+    wrong = FhirClient(services.fhir_base_url.replace("/fhir", "/wrong-base"), max_retries=0)
+    with pytest.raises(FhirConfigurationError):
         wrong.read("ServiceRequest/does-not-exist-42")
-    for status in (401, 403, 408, 412):
-        assert deployment_problem(FhirPermanentError(status)) is not None
-    assert deployment_problem(FhirPermanentError(400, operation="OAuth2 token request")) is not None
-    assert deployment_problem(FhirPermanentError(422)) is None
+
+    monkeypatch.setattr(tasks, "process_models", lambda: None)  # never reached: the read fails first
+    payload = {"reference": "ServiceRequest/does-not-exist-42"}
+    monkeypatch.setattr(tasks, "process_fhir_client", lambda: wrong)
+    assert tasks.suggest(payload)["status"] == tasks.STATUS_DEPLOYMENT
+    monkeypatch.setattr(tasks, "process_fhir_client", lambda: good)
+    result = tasks.suggest(payload)
+    assert (result["status"], result["reason_code"]) == ("rejected", "order_not_found")
