@@ -41,6 +41,7 @@ import numpy as np
 
 from models.phenotypes import EXCLUDED, PRESENT, Mention, PhenotypeRecognizer, patient_terms
 from models.registry import Manifest, verify_version_dir
+from schemas.catalog import disease_coding
 
 KIND = "hpo-ranker"
 MIN_SHARED_IC = 1.0
@@ -299,8 +300,10 @@ class DiagnosisModel:
             if k < len(rows) and rows[k] == d and self.ranker.col_freq[lo + k] >= 0.25:
                 against.append((ids[e], labels[e]))
         row = self.diseases[d]
-        extra = (("http://www.orpha.net", row["orpha"], row["display"]),) if row.get("orpha") else ()
-        return Prediction(row["system"], row["code"], row["display"], min(1.0, max(0.0, round(float(p), 6))),
+        # the same codings the catalog (and the previous text classifier) wrote: system + bare code
+        system, code = disease_coding(row["code"])
+        extra = ((*disease_coding(row["orpha"]), row["display"]),) if row.get("orpha") else ()
+        return Prediction(system, code, row["display"], min(1.0, max(0.0, round(float(p), 6))),
                           codings=extra, supporting=tuple(support), against=tuple(against))
 
     def output(self, a: Analysis, top_k: int = 5):

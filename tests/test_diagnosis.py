@@ -66,6 +66,20 @@ def test_one_disease_never_appears_twice(dx_model):
     assert 0.0 < sum(p.probability for p in out.predictions) <= 1.0 + 1e-6
 
 
+def test_predictions_carry_the_catalogs_codings(dx_model):
+    # predict and the RiskAssessment write what the label catalog writes: the disease system and the
+    # bare code (OMIM 154700, not "OMIM:154700"), the ORPHA twin as a second coding in ORPHA's system
+    from schemas.catalog import OMIM_SYSTEM, ORPHA_SYSTEM, disease_database_id
+
+    out = dx_model.predict([CASE], top_k=10)[0]
+    known = {d["code"] for d in dx_model.diseases}
+    for p in out.predictions:
+        assert p.system in (OMIM_SYSTEM, ORPHA_SYSTEM) and ":" not in p.code
+        assert disease_database_id(p.system, p.code) in known
+        for system, code, _ in p.codings:
+            assert system == ORPHA_SYSTEM and code.isdigit()
+
+
 def test_rationale_and_phenotypes_are_coded_terms_only(dx_model):
     out = dx_model.predict([CASE], top_k=5)[0]
     assert not out.abstained
