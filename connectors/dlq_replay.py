@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from connectors.kafka import (
+from connectors.dlq import (
     H_DETAILS,
     H_REASON,
     H_REASON_CODE,
@@ -29,8 +29,8 @@ from connectors.kafka import (
     H_SOURCE_OFFSET,
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
-    make_producer,
 )
+from connectors.kafka import make_producer
 
 H_REPLAYED_FROM = "ehrw-replayed-from"
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
