@@ -70,13 +70,14 @@ def services(local_stack):
 @pytest.fixture(scope="session")
 def tiny_registry(tmp_path_factory) -> Path:
     """Real models, trained, exported and int8-quantized with the tiny profile (about a minute)."""
+    from schemas.tasks import TASKS
     from training.build import build_models
 
     prebuilt = os.environ.get("EHRW_TEST_REGISTRY")  # reuse a tiny registry while iterating locally
     if prebuilt:
         return Path(prebuilt)
     root = tmp_path_factory.mktemp("registry")
-    build_models(root, tasks=("protocol", "diagnosis"), profile="tiny", seed=0, progress=False)
+    build_models(root, tasks=TASKS, profile="tiny", seed=0, progress=False)
     return root
 
 

@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from schemas.tasks import TASKS
+
 app = typer.Typer(
     name="ehr-worker",
     help="FHIR ServiceRequest events -> protocol and rare-disease suggestions written back to FHIR.",
@@ -239,7 +241,7 @@ def models_build(
     from workers.settings import get_settings
 
     root = registry or get_settings().model_registry
-    tasks = ("protocol", "diagnosis") if task is BuildTask.all else (task.value,)
+    tasks = TASKS if task is BuildTask.all else (task.value,)
     built = build_models(root, tasks=tasks, profile=profile, seed=seed, progress=True)
     for name, path in built.items():
         typer.echo(f"{name}: {path}")
@@ -273,7 +275,7 @@ def models_verify(registry: Annotated[Optional[Path], typer.Option()] = None) ->
 
     reg = ModelRegistry(registry or get_settings().model_registry)
     bad = False
-    for task in ("protocol", "diagnosis"):
+    for task in TASKS:
         try:
             reg.verify(task)
             typer.echo(f"ok      {task} {reg.current_version(task)}")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import csv
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 from schemas.catalog import (
     DECIPHER_SYSTEM,
@@ -47,11 +47,11 @@ from schemas.catalog import (
 )
 from schemas.jsonlines import JsonLinesError, iter_json_lines
 from schemas.labels import Label
+from schemas.tasks import TASKS, Task
 from schemas.text import service_request_from_text
 
 from .common import Dataset, LabelledOrder, label_key, stratified_split  # noqa: F401  (re-exported)
 
-Task = Literal["protocol", "diagnosis"]
 LABEL_EXTENSION_URL = "https://ehr-worker.dev/fhir/StructureDefinition/training-label"
 DISEASE_SYSTEMS = (OMIM_SYSTEM, ORPHA_SYSTEM, DECIPHER_SYSTEM)
 
@@ -261,8 +261,8 @@ def _label_space(items: list[LabelledOrder], task: Task, labels: Sequence[Label]
 
 def load_labelled_file(path: str | Path, *, task: Task, labels: Sequence[Label] | None = None) -> Dataset:
     """Read one labelled file (JSONL / CSV / TSV / FHIR NDJSON); see the module docstring."""
-    if task not in ("protocol", "diagnosis"):
-        raise ValueError(f"task must be 'protocol' or 'diagnosis', got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be {' or '.join(map(repr, TASKS))}, got {task!r}")
     p = Path(path)
     if not p.is_file():
         raise DatasetFormatError(p, None, "no such file")
