@@ -349,8 +349,10 @@ def _parse_notification(entries: list[dict[str, Any]]) -> ParsedEvent:
             event.skipped.append((deleted, "deleted"))
             covered.add(deleted)
             continue
-        request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
-        parsed = parse_reference(entry.get("fullUrl")) or parse_reference(request.get("url"))
+        request = entry.get("request")
+        parsed = parse_reference(entry.get("fullUrl")) or (
+            parse_reference(request.get("url")) if isinstance(request, dict) else None
+        )
         if parsed and parsed.resource_type == "ServiceRequest" and parsed.id not in covered:
             references.append(parsed.relative)
             covered.add(parsed.id)

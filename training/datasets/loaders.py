@@ -119,7 +119,8 @@ def _label_from_service_request(sr: dict, task: Task) -> tuple[str, dict]:
     """(label, copy of the order without the labelling coding); ValueError when none."""
     sr = copy.deepcopy(sr)
     # 1. extension
-    exts = sr.get("extension") if isinstance(sr.get("extension"), list) else []
+    exts = sr.get("extension")
+    exts = exts if isinstance(exts, list) else []
     for i, ext in enumerate(exts):
         if isinstance(ext, dict) and ext.get("url") == LABEL_EXTENSION_URL:
             codings = []
@@ -144,14 +145,15 @@ def _label_from_service_request(sr: dict, task: Task) -> tuple[str, dict]:
         for concept in concepts:
             if not isinstance(concept, dict):
                 continue
-            codings = concept.get("coding") if isinstance(concept.get("coding"), list) else []
-            for j, c in enumerate(codings):
+            coded = concept.get("coding")
+            coded = coded if isinstance(coded, list) else []
+            for j, c in enumerate(coded):
                 if not isinstance(c, dict):
                     continue
                 lab = _coding_label(c, task)
                 if lab:
-                    del codings[j]
-                    if not codings:
+                    del coded[j]
+                    if not coded:
                         concept.pop("coding", None)
                     if is_list:
                         sr[key] = [x for x in sr[key] if not (isinstance(x, dict) and not x)]
@@ -183,8 +185,9 @@ def _text_item(path: Path, line: int, text, label, task: Task, id_=None, group=N
 def _fhir_items(path: Path, line: int, obj: dict, task: Task, group) -> Iterator[LabelledOrder]:
     rtype = obj.get("resourceType")
     if rtype == "Bundle":
-        entries = obj.get("entry") if isinstance(obj.get("entry"), list) else []
-        srs = [e.get("resource") for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        entries = obj.get("entry")
+        srs = [e["resource"] for e in (entries if isinstance(entries, list) else [])
+               if isinstance(e, dict) and isinstance(e.get("resource"), dict)
                and e["resource"].get("resourceType") == "ServiceRequest"]
         if not srs:
             raise DatasetFormatError(path, line, "Bundle holds no ServiceRequest")
