@@ -40,6 +40,7 @@ from schemas.writeback_common import (
     PROVENANCE_TAG_SYSTEM,
     SUGGESTION_CODES,
     SUGGESTION_SYSTEM,
+    OrderContext,
     aiast_meta,
     conditional_entry,
     device_identifier_value,
@@ -111,9 +112,12 @@ def build_writeback_bundle(
     subject = _patient_reference(service_request.get("subject"))
     if subject is None:
         raise ValueError(f"ServiceRequest {order_id} has no subject reference or identifier")
-    when = _instant(recorded or datetime.now(timezone.utc))
-    order_ref = order_reference(service_request)
-    encounter = _plain_reference(service_request.get("encounter"))
+    order = OrderContext(
+        order_ref=order_reference(service_request),
+        subject=subject,
+        encounter=_plain_reference(service_request.get("encounter")),
+        when=_instant(recorded or datetime.now(timezone.utc)),
+    )
 
     entries: list[dict[str, Any]] = []
     devices: dict[str, str] = {}  # device fullUrl -> model label, in insertion order
@@ -132,13 +136,10 @@ def build_writeback_bundle(
         priority = service_request.get("priority")  # a stat order's protocol Task is stat too
         task = _task(
             protocol,
+            order,
             key=key,
-            order_ref=order_ref,
-            subject=subject,
-            encounter=encounter,
             priority=priority if isinstance(priority, str) and priority in _PRIORITIES else None,
             device_url=device_url,
-            when=when,
         )
         entries.append(conditional_entry(task, key, token_query("identifier", IDENTIFIER_SYSTEM, key)))
         targets.append((entries[-1]["fullUrl"], key))
@@ -147,8 +148,7 @@ def build_writeback_bundle(
         device_url = add_device(diagnosis)
         key = suggestion_identifier(service_request, diagnosis.model, diagnosis.model_version)
         observations = [
-            phenotype_observation(ph, key=key, order_ref=order_ref, subject=subject, encounter=encounter,
-                                   device_url=device_url, when=when)
+            phenotype_observation(ph, order, key=key, device_url=device_url)
             for ph in diagnosis.phenotypes
             if ph.get("status") in PHENOTYPE_INTERPRETATION and str(ph.get("code", "")).startswith("HP:")
         ]
@@ -158,12 +158,9 @@ def build_writeback_bundle(
             targets.append((entries[-1]["fullUrl"], obs_key))
         risk = risk_assessment(
             diagnosis,
+            order,
             key=key,
-            order_ref=order_ref,
-            subject=subject,
-            encounter=encounter,
             device_url=device_url,
-            when=when,
             basis=[full_url("Observation", o["identifier"][0]["value"]) for o in observations],
         )
         # R4 defines RiskAssessment?identifier, but servers do not all index it (sekmet does not);
@@ -176,13 +173,7 @@ def build_writeback_bundle(
         return bundle
 
     provenance_key = key_hash(KEY_VERSION, "Provenance", *sorted(key for _, key in targets))
-    provenance = _provenance(
-        key=provenance_key,
-        targets=[url for url, _ in targets],
-        order_ref=order_ref,
-        devices=devices,
-        when=when,
-    )
+    provenance = _provenance(order, key=provenance_key, targets=[url for url, _ in targets], devices=devices)
     tag_query = token_query("_tag", PROVENANCE_TAG_SYSTEM, provenance_key)
     entries.append(conditional_entry(provenance, provenance_key, tag_query))
     bundle["identifier"] = {"system": IDENTIFIER_SYSTEM, "value": provenance_key}
@@ -242,15 +233,7 @@ def _device_entry(output: ModelOutput) -> dict[str, Any]:
 
 
 def _task(
-    output: ModelOutput,
-    *,
-    key: str,
-    order_ref: str,
-    subject: dict[str, Any],
-    encounter: dict[str, Any] | None,
-    priority: str | None,
-    device_url: str,
-    when: str,
+    output: ModelOutput, order: OrderContext, *, key: str, priority: str | None, device_url: str
 ) -> dict[str, Any]:
     ranked = list(output.predictions)
     if not output.abstained and not ranked:
@@ -288,11 +271,11 @@ def _task(
         "priority": priority,
         "code": suggestion_concept("protocol-order"),
         "description": "AI-suggested imaging protocol for this order; a clinician accepts or overrides it.",
-        "focus": {"reference": order_ref},
-        "for": subject,
-        "encounter": encounter,
-        "authoredOn": when,
-        "lastModified": when,
+        "focus": {"reference": order.order_ref},
+        "for": order.subject,
+        "encounter": order.encounter,
+        "authoredOn": order.when,
+        "lastModified": order.when,
         "requester": {"reference": device_url},
         "note": notes,
         "input": inputs or None,
@@ -301,13 +284,13 @@ def _task(
 
 
 def _provenance(
-    *, key: str, targets: list[str], order_ref: str, devices: dict[str, str], when: str
+    order: OrderContext, *, key: str, targets: list[str], devices: dict[str, str]
 ) -> dict[str, Any]:
     return {
         "resourceType": "Provenance",
         "meta": aiast_meta(tag=[{"system": PROVENANCE_TAG_SYSTEM, "code": key}]),
         "target": [{"reference": url} for url in targets],
-        "recorded": when,
+        "recorded": order.when,
         "activity": {
             "coding": [{"system": f"{HL7_CS}/v3-DataOperation", "code": "CREATE", "display": "create"}]
         },
@@ -326,7 +309,7 @@ def _provenance(
             }
             for url, label in devices.items()
         ],
-        "entity": [{"role": "source", "what": {"reference": order_ref}}],
+        "entity": [{"role": "source", "what": {"reference": order.order_ref}}],
     }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -48,6 +49,17 @@ HL7_CS = "http://terminology.hl7.org/CodeSystem"
 KEY_VERSION = "ehrw-suggestion-v1"  # part of every key: bump only to deliberately re-suggest everything
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://ehr-worker.dev/fhir/writeback")
 _PROBABILITY_DIGITS = 4  # calibrated probabilities carry no more meaning than this
+
+
+@dataclass(frozen=True)
+class OrderContext:
+    """What every suggestion resource of one order names: the order (the version the models read),
+    its patient and encounter (references only), and when the suggestion was recorded."""
+
+    order_ref: str
+    subject: dict[str, Any]
+    encounter: dict[str, Any] | None
+    when: str
 
 
 # --------------------------------------------------------------------------- keys

@@ -14,6 +14,7 @@ from schemas.writeback_common import (
     KEY_VERSION,
     MODEL_SYSTEM,
     PROVENANCE_TAG_SYSTEM,
+    OrderContext,
     aiast_meta,
     key_hash,
     model_note,
@@ -30,16 +31,9 @@ PHENOTYPE_INTERPRETATION = {"present": ("POS", "Positive", True), "excluded": ("
 
 
 def risk_assessment(
-    output: ModelOutput,
-    *,
-    key: str,
-    order_ref: str,
-    subject: dict[str, Any],
-    encounter: dict[str, Any] | None,
-    device_url: str,
-    when: str,
-    basis: Sequence[str] = (),
+    output: ModelOutput, order: OrderContext, *, key: str, device_url: str, basis: Sequence[str] = ()
 ) -> dict[str, Any]:
+    """The ranked rare-disease differential; ``basis``: the fullUrls of the phenotype Observations."""
     risk = {
         "resourceType": "RiskAssessment",
         "meta": aiast_meta(tag=[{"system": PROVENANCE_TAG_SYSTEM, "code": key}]),
@@ -57,11 +51,11 @@ def risk_assessment(
             "text": f"{output.model} {output.model_version}",
         },
         "code": suggestion_concept("rare-disease-differential"),
-        "subject": subject,
-        "encounter": encounter,
-        "occurrenceDateTime": when,
+        "subject": order.subject,
+        "encounter": order.encounter,
+        "occurrenceDateTime": order.when,
         "performer": {"reference": device_url},
-        "basis": [{"reference": order_ref}] + [{"reference": url} for url in basis],
+        "basis": [{"reference": order.order_ref}] + [{"reference": url} for url in basis],
         "prediction": [_risk_prediction(p) for p in output.predictions],
         "note": [{"text": model_note(output)}],
     }
@@ -85,16 +79,9 @@ def _rationale(p: Prediction) -> str:
         parts.append("Absent features that count against it: " + "; ".join(f"{c} {lab}" for c, lab in p.against) + ".")
     return " ".join(parts)
 
-def phenotype_observation(
-    phenotype: dict[str, str],
-    *,
-    key: str,
-    order_ref: str,
-    subject: dict[str, Any],
-    encounter: dict[str, Any] | None,
-    device_url: str,
-    when: str,
-) -> dict[str, Any]:
+
+def phenotype_observation(phenotype: dict[str, str], order: OrderContext, *, key: str, device_url: str) -> dict[str, Any]:
+    """One recognised HPO feature, present (POS) or excluded (NEG), keyed under the suggestion ``key``."""
     code, label, status = str(phenotype["code"]), str(phenotype.get("label", "")), phenotype["status"]
     interp, interp_display, value = PHENOTYPE_INTERPRETATION[status]
     obs_key = key_hash(KEY_VERSION, "Observation", key, code, status)
@@ -102,13 +89,13 @@ def phenotype_observation(
         "resourceType": "Observation",
         "meta": aiast_meta(),
         "identifier": [{"system": IDENTIFIER_SYSTEM, "value": obs_key}],
-        "basedOn": [{"reference": order_ref}],
+        "basedOn": [{"reference": order.order_ref}],
         "status": "preliminary",
         "category": [{"coding": [{"system": f"{HL7_CS}/observation-category", "code": "exam", "display": "Exam"}]}],
         "code": {"coding": [{"system": HPO_SYSTEM, "code": code, "display": label}], "text": label},
-        "subject": subject,
-        "encounter": encounter,
-        "issued": when,
+        "subject": order.subject,
+        "encounter": order.encounter,
+        "issued": order.when,
         "device": {"reference": device_url},
         "valueBoolean": value,
         "interpretation": [{"coding": [{"system": _INTERPRETATION_SYSTEM, "code": interp, "display": interp_display}]}],
