@@ -3,34 +3,8 @@
 Never imports torch: a worker process loads ``onnxruntime`` + ``tokenizers`` only.
 """
 
-from models.registry import (
-    FORMAT_VERSION,
-    Calibration,
-    LabelSpec,
-    Manifest,
-    ModelError,
-    ModelIntegrityError,
-    ModelNotFoundError,
-    ModelRegistry,
-    checksum_files,
-    sha256_file,
-    verify_version_dir,
-)
+from models import registry as _registry
+from models.registry import *  # noqa: F403 - the registry's public names (its __all__), manifest included
 from models.runtime import OnnxTextEncoder, TextClassifier, softmax
 
-__all__ = [
-    "FORMAT_VERSION",
-    "Calibration",
-    "LabelSpec",
-    "Manifest",
-    "ModelError",
-    "ModelIntegrityError",
-    "ModelNotFoundError",
-    "ModelRegistry",
-    "OnnxTextEncoder",
-    "TextClassifier",
-    "checksum_files",
-    "sha256_file",
-    "softmax",
-    "verify_version_dir",
-]
+__all__ = [*_registry.__all__, "OnnxTextEncoder", "TextClassifier", "softmax"]
