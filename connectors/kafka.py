@@ -65,7 +65,7 @@ from connectors.outcomes import (
     Slot,
     tp_name,
 )
-from connectors.paused import LoggingRebalanceListener, PausedPolling
+from connectors.paused import PausedPolling
 from connectors.retry import AttemptLedger, Backoff, Health, MemoryAttempts, attempt_key
 from schemas.events import EventRejected, parse_event
 
@@ -260,7 +260,7 @@ class EventConsumer:
             max_partition_fetch_bytes=max(self.max_event_bytes, 1024 * 1024) + 64 * 1024,
             **self.client_config,
         )
-        consumer.subscribe([self.topic], listener=LoggingRebalanceListener())
+        consumer.subscribe([self.topic], listener=self._paused.listener())
         return consumer
 
     # -- one batch -------------------------------------------------------------------------------
@@ -336,8 +336,12 @@ class EventConsumer:
                 next_offsets[tp] = tp_slots[-1].record.offset + 1
 
         # A record counts as finished only once its offset is committed: after a refused commit
-        # (the group rebalanced during a slow batch) it comes back and is processed again.
-        if self._commit(consumer, offsets, len(durable_slots)):
+        # (the group rebalanced during a slow batch) it is read again from the first uncommitted
+        # record (if this consumer still holds the partition; kafka-python keeps its position).
+        if not self._commit(consumer, offsets, len(durable_slots)):
+            for tp in offsets:
+                next_offsets[tp] = by_tp[tp][0].record.offset
+        else:
             for slot in durable_slots:
                 self._count_durable(slot)
             self.attempts.clear([self._attempt_key(s) for s in durable_slots if s.attempts])
