@@ -42,6 +42,7 @@ from kafka import KafkaConsumer, TopicPartition
 from connectors.embedded import ManagedProcess, free_port, start_sekmet
 from connectors.fhir import FhirClient
 from connectors.kafka import ensure_topics, make_producer
+from connectors.topic_reader import read_records
 from workers.chaos_events import Expected, make_events
 from workers.chaos_proxy import FaultProxy
 from workers.settings import Settings
@@ -279,28 +280,6 @@ def _committed(settings: Settings) -> dict[int, int]:
         consumer.close()
 
 
-def _read_all(bootstrap: str, topic: str, *, quiet_s: float = 3.0) -> list[Any]:
-    """Every record of a topic: read until nothing more arrives for ``quiet_s``."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20
-    )
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not parts:
-            return []
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        records: list[Any] = []
-        last = time.monotonic()
-        while time.monotonic() - last < quiet_s:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-                last = time.monotonic()
-        return records
-    finally:
-        consumer.close()
-
-
 def verify(lab: ChaosLab, settings: Settings, name: str, events: list[tuple[str, bytes, Expected]],
            ends: dict[int, int], *, max_queue: int, seconds: float) -> Row:  # fmt: skip
     """Count the row's outcome from the FHIR server and the topics."""
@@ -319,12 +298,12 @@ def verify(lab: ChaosLab, settings: Settings, name: str, events: list[tuple[str,
                 risks[ref.split("/", 1)[1]] += 1
     dlq_copies: Counter[str] = Counter()
     reasons: dict[str, str] = {}
-    for rec in _read_all(settings.kafka_bootstrap, settings.kafka_dlq_topic):
+    for rec in read_records(settings.kafka_bootstrap, settings.kafka_dlq_topic):
         key = (rec.key or b"").decode(errors="replace")
         dlq_copies[key] += 1
         reasons[key] = dict(rec.headers or []).get("ehrw-reason-code", b"").decode()
     results: dict[str, set[str]] = defaultdict(set)
-    for rec in _read_all(settings.kafka_bootstrap, settings.kafka_result_topic):
+    for rec in read_records(settings.kafka_bootstrap, settings.kafka_result_topic):
         doc = json.loads(rec.value)
         results[str(doc.get("order", "")).split("/")[-1]].add(str(doc.get("status")))
 
