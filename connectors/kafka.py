@@ -387,9 +387,10 @@ class EventConsumer:
             log.warning("commit refused after a rebalance; %d partitions go back to the group", len(offsets))
             return False
         except KafkaError as exc:
-            # A later commit covers these offsets; a crash before then only causes a harmless replay.
+            # RebalanceInProgressError among others: the batch is read again from its first
+            # uncommitted record (_publish_and_commit), which the idempotent write-back makes harmless.
             self.stats.commit_failures += 1
-            log.warning("commit failed (%s); continuing", type(exc).__name__)
+            log.warning("commit failed (%s); the batch is read again", type(exc).__name__)
             return False
         for tp, om in offsets.items():
             log.debug("committed %s up to %d", tp_name(tp), om.offset)
