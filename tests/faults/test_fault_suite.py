@@ -41,7 +41,7 @@ def test_fault_row_loses_nothing_duplicates_nothing_and_sticks_nowhere(lab, name
     fault, options = ROWS[name]
     options = dict(options)
     consumers = options.pop("consumers", 1)
-    row = chaos.run_row(lab, name, fault, EVENTS, consumers=consumers, timeout_s=400, **options)
+    row = chaos.run_row(lab, name, fault, EVENTS, consumers=consumers, timeout_s=900, **options)
     print(chaos.format_row(row))
     assert row.events >= EVENTS
     assert (row.lost, row.duplicated, row.stuck_partitions) == (0, 0, 0), chaos.format_row(row)
