@@ -127,51 +127,23 @@ def read_dead_letters(
     timeout_s: float = 30.0,
 ) -> list[DeadLetter]:
     """Every record of the dead-letter ``topic`` (all partitions, from the beginning to the end as
-    of now), filtered by reason codes and rejection time; in partition, offset order."""
-    from kafka import KafkaConsumer, TopicPartition
+    of now: :func:`connectors.topic_reader.read_records`), filtered by reason codes and rejection
+    time; in partition, offset order."""
+    from connectors.topic_reader import read_records
 
     wanted = set(reasons)
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **dict(client_config or {})
-    )
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out: list[DeadLetter] = []
-        deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
-        # Read until the end offsets are passed and a poll comes back empty: some brokers (Tansu)
-        # report an end offset one short of the last record.
-        while True:
-            if datetime.now(UTC) > deadline:
-                raise TimeoutError(f"reading {topic} from {bootstrap} took longer than {timeout_s:.0f}s")
-            polled = consumer.poll(timeout_ms=500)
-            if not polled and all(consumer.position(tp) >= end[tp] for tp in tps):
-                break
-            for batch in polled.values():
-                for rec in batch:
-                    letter = DeadLetter(
-                        rec.topic,
-                        rec.partition,
-                        rec.offset,
-                        rec.key,
-                        rec.value,
-                        list(rec.headers or []),
-                        rec.timestamp,
-                    )
-                    if wanted and letter.reason_code not in wanted:
-                        continue
-                    at = letter.rejected_at
-                    if since is not None and (at is None or at < since):
-                        continue
-                    out.append(letter)
-        return sorted(out, key=lambda d: (d.partition, d.offset))
-    finally:
-        consumer.close()
+    out: list[DeadLetter] = []
+    for rec in read_records(bootstrap, topic, client_config=client_config, timeout_s=timeout_s):
+        letter = DeadLetter(
+            rec.topic, rec.partition, rec.offset, rec.key, rec.value, list(rec.headers or []), rec.timestamp
+        )
+        if wanted and letter.reason_code not in wanted:
+            continue
+        at = letter.rejected_at
+        if since is not None and (at is None or at < since):
+            continue
+        out.append(letter)
+    return out
 
 
 @dataclass

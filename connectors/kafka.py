@@ -38,23 +38,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.errors import CommitFailedError, KafkaError
 
-from connectors.dlq import (  # noqa: F401 - the header names are part of this module's surface
-    H_DETAILS,
-    H_REASON,
-    H_REASON_CODE,
-    H_REJECTED_AT,
-    H_SOURCE_OFFSET,
-    H_SOURCE_PARTITION,
-    H_SOURCE_TOPIC,
-)
+from connectors.intake import DEFAULT_MAX_EVENT_BYTES, read_record
+from connectors.kafka_clients import ensure_topics, make_producer
 from connectors.observer import ConsumerObserver  # Operations (issue 9)
 from connectors.outcomes import (
     FINAL_RESULT_STATUSES,
@@ -65,71 +57,19 @@ from connectors.outcomes import (
     Slot,
     tp_name,
 )
-from connectors.paused import LoggingRebalanceListener, PausedPolling
+from connectors.paused import PausedPolling
 from connectors.retry import AttemptLedger, Backoff, Health, MemoryAttempts, attempt_key
-from schemas.events import EventRejected, parse_event
+
+# The consumer's surface; the producer and topic helpers live in connectors.kafka_clients.
+__all__ = ["ConsumerStats", "Dispatch", "EventConsumer", "EventOutcome", "Incoming", "ensure_topics", "make_producer"]
 
 log = logging.getLogger(__name__)
 
 # Bound what the fetcher may buffer ahead of the batch being processed (kafka-python prefetches).
 _FETCH_MAX_BYTES = 8 * 1024 * 1024
-# Producer sends that Kafka has not acknowledged within this time fail, so flush() is bounded.
-_DELIVERY_TIMEOUT_MS = 30_000
-DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_DLQ_MAX_BYTES = 1_000_000
 
 Dispatch = Callable[[list["Incoming"]], list["EventOutcome"]]
-
-
-def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
-    """A producer for outcomes that must not be lost: acks from all in-sync replicas, idempotent
-    retries (kafka-python retries until ``delivery_timeout_ms``), a small linger to batch sends.
-
-    ``overrides`` are passed to ``KafkaProducer`` (e.g. ``security_protocol``, ``sasl_*``, ``ssl_*``).
-    """
-    config: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
-        "client_id": "ehr-worker",
-        "acks": "all",
-        "linger_ms": 5,
-        "request_timeout_ms": _DELIVERY_TIMEOUT_MS // 2,  # kafka-python: delivery >= linger + request
-        "delivery_timeout_ms": _DELIVERY_TIMEOUT_MS,
-    }
-    config.update(overrides)
-    return KafkaProducer(**config)
-
-
-def ensure_topics(
-    bootstrap: str,
-    topics: Iterable[str],
-    *,
-    partitions: int = 3,
-    replication_factor: int = 1,
-    timeout_s: float = 30.0,
-    **client_config: Any,
-) -> list[str]:
-    """Create the topics that do not exist yet (idempotent); returns the names it created.
-
-    Existing topics are left as they are (their partition count is not changed).
-    """
-    admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **client_config
-    )
-    try:
-        existing = set(admin.list_topics())
-        created = []
-        for topic in dict.fromkeys(topics):
-            if topic in existing:
-                continue
-            try:
-                admin.create_topics([NewTopic(topic, partitions, replication_factor)])
-                created.append(topic)
-                log.info("created topic %s (%d partitions)", topic, partitions)
-            except TopicAlreadyExistsError:  # another process won the race
-                pass
-        return created
-    finally:
-        admin.close()
 
 
 class EventConsumer:
@@ -260,7 +200,7 @@ class EventConsumer:
             max_partition_fetch_bytes=max(self.max_event_bytes, 1024 * 1024) + 64 * 1024,
             **self.client_config,
         )
-        consumer.subscribe([self.topic], listener=LoggingRebalanceListener())
+        consumer.subscribe([self.topic], listener=self._paused.listener())
         return consumer
 
     # -- one batch -------------------------------------------------------------------------------
@@ -274,7 +214,7 @@ class EventConsumer:
     ) -> None:
         self.stats.batches += 1
         self.stats.consumed += len(records)
-        slots = [self._parse(r) for r in records]
+        slots = [read_record(r, self.max_event_bytes, self.stats) for r in records]
         # Paused while the batch is worked on, so the keepalive polls return nothing; each
         # partition is sought to its exact next offset on the way out (_resume).
         resume_at = self._paused.pause_all(consumer)
@@ -336,8 +276,12 @@ class EventConsumer:
                 next_offsets[tp] = tp_slots[-1].record.offset + 1
 
         # A record counts as finished only once its offset is committed: after a refused commit
-        # (the group rebalanced during a slow batch) it comes back and is processed again.
-        if self._commit(consumer, offsets, len(durable_slots)):
+        # (the group rebalanced during a slow batch) it is read again from the first uncommitted
+        # record (if this consumer still holds the partition; kafka-python keeps its position).
+        if not self._commit(consumer, offsets, len(durable_slots)):
+            for tp in offsets:
+                next_offsets[tp] = by_tp[tp][0].record.offset
+        else:
             for slot in durable_slots:
                 self._count_durable(slot)
             self.attempts.clear([self._attempt_key(s) for s in durable_slots if s.attempts])
@@ -349,42 +293,6 @@ class EventConsumer:
                 except Exception as exc:  # noqa: BLE001 - only housekeeping (results expire anyway)
                     log.warning("dispatcher cleanup failed (%s)", type(exc).__name__)
         return next_offsets
-
-    def _parse(self, record: ConsumerRecord) -> Slot:
-        tp = TopicPartition(record.topic, record.partition)
-        slot = Slot(record=record, tp=tp)
-        size = len(record.value) if isinstance(record.value, (bytes, bytearray)) else 0
-        if record.value is None:
-            slot.status, slot.rejected = "dead_letter", True
-            slot.reason_code, slot.reason = "empty_value", "The message has no value (a Kafka tombstone)."
-        elif size > self.max_event_bytes:
-            slot.status, slot.rejected = "dead_letter", True
-            slot.reason_code = "event_too_large"
-            slot.reason = (
-                f"The event is {size} bytes; the limit is {self.max_event_bytes} (EHRW_MAX_EVENT_BYTES). "
-                "Send large Bundles as several events."
-            )
-            self.stats.too_large += 1
-        else:
-            try:
-                event = parse_event(record.value)
-            except EventRejected as exc:
-                slot.status, slot.rejected = "dead_letter", True
-                slot.reason_code, slot.reason = exc.code, exc.message
-            except Exception as exc:  # noqa: BLE001 - a parser bug must not stall the partition
-                slot.status, slot.rejected = "dead_letter", True
-                slot.reason_code = "parse_error"
-                slot.reason = f"The event parser failed ({type(exc).__name__}); please report this as a bug."
-                log.error("%s@%d: parser raised %s", tp_name(tp), record.offset, type(exc).__name__)
-            else:
-                slot.incoming = Incoming(
-                    record.topic, record.partition, record.offset, record.key, record.value, event
-                )
-                if not event.items and not event.void_orders:  # nothing to dispatch: only non-actionable orders
-                    slot.status = "done"
-        if slot.rejected:
-            log.info("%s@%d rejected: %s", tp_name(tp), record.offset, slot.reason_code)
-        return slot
 
     def _dispatch(
         self,
@@ -479,9 +387,10 @@ class EventConsumer:
             log.warning("commit refused after a rebalance; %d partitions go back to the group", len(offsets))
             return False
         except KafkaError as exc:
-            # A later commit covers these offsets; a crash before then only causes a harmless replay.
+            # RebalanceInProgressError among others: the batch is read again from its first
+            # uncommitted record (_publish_and_commit), which the idempotent write-back makes harmless.
             self.stats.commit_failures += 1
-            log.warning("commit failed (%s); continuing", type(exc).__name__)
+            log.warning("commit failed (%s); the batch is read again", type(exc).__name__)
             return False
         for tp, om in offsets.items():
             log.debug("committed %s up to %d", tp_name(tp), om.offset)

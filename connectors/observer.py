@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from schemas.outcomes import OrderOutcome
+
 
 class ConsumerObserver(Protocol):
     """Told what was polled, what became durable (with reason codes) and what was retried."""
@@ -20,7 +22,7 @@ class ConsumerObserver(Protocol):
         *,
         status: str,
         reason_code: str | None,
-        results: list[dict],
+        results: list[OrderOutcome],
         skipped: list[tuple[str, str]],
     ) -> None: ...
 

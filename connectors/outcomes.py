@@ -19,7 +19,8 @@ from kafka.errors import KafkaError
 from connectors.dlq import DeadLetter, dead_letter_record, json_bytes, minimal_dead_letter, reason_headers
 from connectors.retry import RetryKind
 from schemas.events import ParsedEvent
-from schemas.outcomes import ORDER_STATUSES
+from schemas.outcomes import ORDER_STATUSES, OrderOutcome
+from schemas.references import parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Incoming:
 class EventOutcome:
     """What the dispatcher made of one :class:`Incoming`.
 
-    ``done``: every order reached a final state; ``results`` (one JSON-able dict per order, with an
+    ``done``: every order reached a final state; ``results`` (one :class:`OrderOutcome` per order, with an
     ``"order"`` id used as the message key) go to the result topic. ``dead_letter``: the event goes
     to the dead-letter topic with ``reason_code``/``reason``/``details`` (codes and ids only, never
     event text); its ``results``, if any, are published too. ``retry``: not durable yet; the event
@@ -53,7 +54,7 @@ class EventOutcome:
     """
 
     status: Literal["done", "dead_letter", "retry"]
-    results: list[dict] = field(default_factory=list)
+    results: list[OrderOutcome] = field(default_factory=list)
     reason_code: str | None = None
     reason: str | None = None
     details: dict | None = None
@@ -111,7 +112,7 @@ class Slot:
     reason_code: str | None = None
     reason: str | None = None
     details: dict | None = None
-    results: list[dict] = field(default_factory=list)
+    results: list[OrderOutcome] = field(default_factory=list)
     rejected: bool = False
     retry_kind: RetryKind = "event"
     retry_after_s: float | None = None
@@ -163,7 +164,7 @@ class OutcomePublisher:
         if slot.incoming is not None:
             reported = {r.get("order") for r in results}  # void orders' tasks report themselves
             results += [
-                {"order": order_ref(order), "status": "skipped", "reason_code": code}
+                OrderOutcome(order=order_ref(order), status="skipped", reason_code=code)
                 for order, code in slot.incoming.event.skipped
                 if order_ref(order) not in reported
             ]
@@ -255,8 +256,10 @@ class OutcomePublisher:
 
 
 def order_ref(order_id: str) -> str:
-    # The same "ServiceRequest/{id}" form the workers use in their result events.
-    return order_id if "/" in order_id else f"ServiceRequest/{order_id}"
+    """The same ``ServiceRequest/{id}`` form the workers use in their result events (a reference
+    given as one, by the project's reference grammar, is kept as it is)."""
+    ref = parse_reference(order_id)
+    return ref.relative if ref is not None else f"ServiceRequest/{order_id}"
 
 
 def tp_name(tp: TopicPartition) -> str:

@@ -6,6 +6,13 @@ while the consumer backs off, every assigned partition is paused and ``poll()`` 
 :data:`KEEPALIVE_EVERY_S` (a paused poll returns no records but counts as liveness). Afterwards
 each partition is sought to the exact offset to read next, which also discards records
 kafka-python prefetched and parked while the partition was paused, and resumed.
+
+After a rebalance, the group's committed offset is the only truth. kafka-python 3 keeps the
+position of a partition that stays assigned across a rebalance, so a position remembered from
+before it (or the position after a batch whose commit the rebalance refused) would skip records
+that no commit covers: the partition's tail then stays uncommitted for good (a "stuck" partition,
+found with the rebalance row of the fault suite). So :meth:`PausedPolling.resume` seeks every
+partition to its committed offset whenever an assignment arrived since :meth:`pause_all`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,16 @@ class PausedPolling:
     def __init__(self, stop: threading.Event | None = None) -> None:
         self.stop = stop or threading.Event()
         self._last_keepalive = 0.0
+        self.assignments = 0  # assignments received (the listener counts them)
+        self._assignments_at_pause = 0
+
+    def listener(self) -> ConsumerRebalanceListener:
+        """The rebalance listener to subscribe with: logs and counts assignments."""
+        return LoggingRebalanceListener(self)
+
+    def rebalanced(self) -> bool:
+        """Whether an assignment arrived since :meth:`pause_all`."""
+        return self.assignments != self._assignments_at_pause
 
     def pause_all(self, consumer: KafkaConsumer) -> dict[TopicPartition, int]:
         """Pause every assigned partition; returns where each one stands, to resume from there."""
@@ -46,6 +63,7 @@ class PausedPolling:
         if assigned:
             consumer.pause(*assigned)
         self._last_keepalive = time.monotonic()
+        self._assignments_at_pause = self.assignments
         return positions
 
     def keepalive(self, consumer: KafkaConsumer, resume_at: dict[TopicPartition, int]) -> None:
@@ -80,7 +98,11 @@ class PausedPolling:
         return time.monotonic() - start
 
     def resume(self, consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """Seek each assigned partition to ``offsets`` (the next record to read) and resume; after a
+        rebalance, to the group's committed offset instead (see the module docstring)."""
         assigned = consumer.assignment()
+        if self.rebalanced():
+            offsets = self._committed(consumer, assigned)
         for tp in assigned:
             if tp not in offsets:
                 continue
@@ -96,15 +118,39 @@ class PausedPolling:
             consumer.resume(*assigned)
 
 
+    def _committed(self, consumer: KafkaConsumer, assigned: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where the group stands on each partition; one without a commit starts at the beginning."""
+        self._assignments_at_pause = self.assignments
+        offsets: dict[TopicPartition, int] = {}
+        for tp in assigned:
+            try:
+                committed = consumer.committed(tp)
+            except Exception as exc:  # noqa: BLE001 - unknown: the next rebalance or batch settles it
+                log.warning("%s: committed offset unknown (%s)", tp_name(tp), type(exc).__name__)
+                continue
+            if committed is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                offsets[tp] = committed
+        log.info("rebalanced: resuming %s from the committed offsets", tps_names(assigned))
+        return offsets
+
+
 class LoggingRebalanceListener(ConsumerRebalanceListener):
-    """Logs assignment changes. Nothing to flush: each batch is published and committed before the
-    next poll, and a commit refused after a rebalance only means its records are read again."""
+    """Logs assignment changes and counts assignments for :class:`PausedPolling`. Nothing to flush:
+    each batch is published and committed before the next poll, and a commit refused after a
+    rebalance only means its records are read again (from the committed offset)."""
+
+    def __init__(self, polling: PausedPolling | None = None) -> None:
+        self.polling = polling
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         if revoked:
             log.info("partitions revoked: %s", tps_names(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        if self.polling is not None:
+            self.polling.assignments += 1
         if assigned:
             log.info("partitions assigned: %s", tps_names(assigned))
 

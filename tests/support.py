@@ -41,22 +41,12 @@ class Record:
         return json.loads(self.value)
 
 
-def read_topic(bootstrap: str, topic: str) -> list[Record]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=2000)
-    try:
-        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])]
-        if not parts:
-            return []
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        end = consumer.end_offsets(parts)
-        out: list[Record] = []
-        while any(consumer.position(p) < end[p] for p in parts):
-            for batch in consumer.poll(timeout_ms=1000).values():
-                out += [Record(m.key, m.value, dict(m.headers or [])) for m in batch]
-        return out
-    finally:
-        consumer.close()
+def read_topic(bootstrap: str, topic: str, *, idle_s: float = 3.0) -> list[Record]:
+    """Every record of every partition of ``topic``, read to each partition's high watermark
+    (Tansu's end offsets are wrong on multi-partition topics: see connectors.topic_reader)."""
+    from connectors.topic_reader import read_records
+
+    return [Record(m.key, m.value, dict(m.headers or [])) for m in read_records(bootstrap, topic, idle_s=idle_s)]
 
 
 def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int | None]:

@@ -43,6 +43,10 @@ def make_app(settings: Settings) -> Celery:
         # one kills and replaces the child.
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=max(settings.task_hard_time_limit_s, settings.task_soft_time_limit_s + 5),
+        # A pool child replacing a killed one loads the models before it reports up; Celery's 4 s
+        # default killed slow starters (a busy host) and retried for ever, so the worker took no
+        # more orders (found by the fault suite's worker-child row, issue 8).
+        worker_proc_alive_timeout=120.0,
         task_default_queue=settings.celery_queue,  # Operations (issue 9): EHRW_CELERY_QUEUE
         worker_hijack_root_logger=False,
         timezone="UTC",

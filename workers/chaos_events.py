@@ -15,7 +15,7 @@ IMAGING_REASONS = ["headache after a fall on warfarin", "RUQ pain after fatty me
 
 @dataclass
 class Expected:
-    kind: str  # imaging | lab | completed | invalid | poison | bundle
+    kind: str  # imaging | lab | completed | invalid | poison | oversized | bundle | v1 | v2 | revoked
     orders: list[str] = field(default_factory=list)  # order ids (imaging or lab) the event carries
     imaging: list[str] = field(default_factory=list)
 
@@ -35,11 +35,14 @@ def _order(order_id: str, *, imaging: bool, rng: random.Random, status: str = "a
 
 
 def make_events(tag: str, n: int, *, seed: int = 0, bundles: int = 0, bundle_size: int = 2000,
-                oversized: int = 0) -> tuple[list[tuple[str, bytes, Expected]], set[str]]:  # fmt: skip
+                oversized: int = 0, versions: int = 0) -> tuple[list[tuple[str, bytes, Expected]], set[str]]:  # fmt: skip
     """``n`` single events (55 % imaging, 27 % lab, 5 % completed, 11 % invalid, 2 % poison),
-    plus ``bundles`` Bundles of ``bundle_size`` orders (5 % of their ids repeated) and
-    ``oversized`` events over 1 MiB, interleaved. Returns (key, value, expectation) triples and
-    the ids the FHIR proxy must poison."""
+    plus ``bundles`` Bundles of ``bundle_size`` orders (5 % of their ids repeated),
+    ``oversized`` events over 1 MiB, and ``versions`` imaging orders sent twice in a row (same key,
+    so one partition and usually one batch): version 1 then version 2 with another reason
+    (``v2``: one open Task, on version 2), or, for every third, version 1 then a revoked version 2
+    (``revoked``: no open Task), interleaved. Returns (key, value, expectation) triples and the ids
+    the FHIR proxy must poison."""
     rng = random.Random(seed)
     events: list[tuple[str, bytes, Expected]] = []
     poisoned: set[str] = set()
@@ -81,6 +84,16 @@ def make_events(tag: str, n: int, *, seed: int = 0, bundles: int = 0, bundle_siz
         doc = _order(oid, imaging=True, rng=rng)
         doc["note"] = [{"text": "x" * 1024} for _ in range(1100)]
         events.insert(rng.randrange(len(events) + 1), (oid, _raw(doc), Expected("oversized")))
+    for v in range(versions):
+        oid = f"{tag}-v{v}"
+        first = _order(oid, imaging=True, rng=rng)
+        first["meta"] = {"versionId": "1"}
+        second = _order(oid, imaging=True, rng=rng, status="revoked" if v % 3 == 2 else "active")
+        second["meta"] = {"versionId": "2"}
+        second["reasonCode"] = [{"text": rng.choice([r for r in IMAGING_REASONS if r != first["reasonCode"][0]["text"]])}]
+        at = rng.randrange(len(events) + 1)
+        expected = Expected("revoked", [oid]) if v % 3 == 2 else Expected("v2", [oid], [oid])
+        events[at:at] = [(oid, _raw(first), Expected("v1", [oid], [oid])), (oid, _raw(second), expected)]
     return events, poisoned
 
 

@@ -5,6 +5,8 @@ It forwards every request to the real server unless told to misbehave:
 - ``fail(status, fraction, retry_after)``: answer ``status`` (500, 429, 401...) to that fraction of
   requests, with a ``Retry-After`` header when given;
 - ``drop(True)``: close connections without answering (a server that is gone);
+- ``slow(delay_s)``: forward every request (the server does the work, a transaction commits) and
+  answer only ``delay_s`` later: past the client's timeout, the client never learns it succeeded;
 - ``poison(ids)``: a read of ``ServiceRequest/{id}`` returns a valid-looking order with an
   ``extension`` nested 150 deep (about 5 kB), as a server that stores whatever it is sent would:
   the "fetched order that breaks validation" of issue 8, defect 1;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,6 +69,7 @@ class FaultProxy:
         self._fraction = 0.0
         self._retry_after: float | None = None
         self._drop = False
+        self._delay_s: float | None = None
         self._poisoned: set[str] = set()
         self._refusal: tuple[int, str] | None = None
         self._poison_bodies: dict[str, dict[str, Any]] = {}  # poisoned ids answered with a given order
@@ -89,7 +93,12 @@ class FaultProxy:
 
     def heal(self) -> None:
         with self._lock:
-            self._status, self._drop = None, False
+            self._status, self._drop, self._delay_s = None, False, None
+
+    def slow(self, delay_s: float | None) -> None:
+        """Answer every forwarded request ``delay_s`` late (``None``: on time again)."""
+        with self._lock:
+            self._delay_s = delay_s
 
     def drop(self, on: bool = True) -> None:
         with self._lock:
@@ -180,6 +189,9 @@ class FaultProxy:
                     self.connection.close()
                     return
                 out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
+                delay = proxy._delay_s
+                if delay and not self.path.startswith("/fhir/metadata"):
+                    time.sleep(delay)  # done upstream; the client has given up by now
                 self._answer(resp.status_code, resp.content, out)
 
             do_GET = do_POST = do_PUT = do_DELETE = _serve

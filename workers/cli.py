@@ -218,7 +218,7 @@ def chaos(
         _fail(f"no models in {root}; build them with `ehr-worker models build` (or --profile tiny)")
     with EmbeddedServices(fhir=False, redis=False) as services:
         lab = chaos_run.ChaosLab(Path(tempfile.mkdtemp(prefix="ehrw-chaos-")), kafka_bootstrap=services.kafka_bootstrap,
-                                 redis_url=s.redis_url, registry=Path(root)).start()  # fmt: skip
+                                 registry=Path(root)).start()  # its own FHIR, Redis and worker  # fmt: skip
         try:
             typer.echo(chaos_run.HEADER)
             table = chaos_run.run_table(lab, events, names=only, long=not short, echo=typer.echo)

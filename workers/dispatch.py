@@ -164,6 +164,7 @@ class CeleryDispatcher:
         self.tick_s = tick_s
         self.max_outstanding_seen = 0
         self._in_flight: set[str] = set()  # task ids sent (or found sent) and not yet seen finished
+        self._unsure: set[str] = set()  # task ids whose send failed: their marker (if any) is no proof
         self._redis = app.backend.client
         self._backend = app.backend
 
@@ -271,7 +272,13 @@ class CeleryDispatcher:
     # -- Redis -------------------------------------------------------------------------------------
 
     def _send(self, tid: str, inc: Incoming, item: OrderItem | VoidOrder) -> None:
-        if not self._redis.set(f"ehrw:sent:{tid}", b"1", nx=True, ex=self.marker_ttl_s):
+        try:
+            fresh = self._redis.set(f"ehrw:sent:{tid}", b"1", nx=True, ex=self.marker_ttl_s)
+        except Exception:
+            # A SET that timed out (Redis frozen) may still land later: that marker proves nothing.
+            self._unsure.add(tid)
+            raise
+        if not fresh and tid not in self._unsure:
             return  # sent before (an earlier round, consumer or owner): wait for that one
         try:
             # The task carries ids in clear and an inline order only encrypted; argsrepr/kwargsrepr
@@ -281,8 +288,10 @@ class CeleryDispatcher:
                           else apply_async_options(item, self.cipher))}  # fmt: skip
             suggest.apply_async(task_id=tid, queue=self.queue, **options)
         except Exception:
+            self._unsure.add(tid)  # the marker may outlive this failure (the delete fails too)
             self._redis.delete(f"ehrw:sent:{tid}")
             raise
+        self._unsure.discard(tid)
 
     def _ready(self, tids: list[str]) -> dict[str, TaskResult]:
         if not tids:

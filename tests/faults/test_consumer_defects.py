@@ -248,3 +248,29 @@ def test_consumer_without_redis_still_counts_attempts():
 def test_event_consumer_rejects_a_zero_budget():
     with pytest.raises(ValueError, match="max_attempts"):
         EventConsumer(bootstrap="x", topic="t", group="g", dlq_topic="d", result_topic="r", max_attempts=0)
+
+
+def test_a_commit_refused_by_a_rebalance_is_read_again_and_committed(bootstrap):
+    """The stuck partition of the rebalance row: a batch whose commit the group refused (a member
+    joined or left while it ran) was never committed when the partition stayed with its consumer,
+    because kafka-python keeps a kept partition's position past the batch. The records must be read
+    again from the first uncommitted one and committed; the last batch of a partition included."""
+    names = _names("refused")
+    events = [(f"o-{i}", _raw(_sr(f"o-{i}"))) for i in range(5)]
+    consumer = _consumer(bootstrap, names)
+    _publish(bootstrap, names["topic"], events)
+    commit = consumer._commit
+    refused = []
+
+    def refused_once(kafka_consumer, offsets, records):
+        if offsets and not refused:
+            refused.append(dict(offsets))
+            return False  # what _commit answers for CommitFailedError / RebalanceInProgressError
+        return commit(kafka_consumer, offsets, records)
+
+    consumer._commit = refused_once
+    seen: Counter[str] = Counter()
+    stats = consumer.run(_done_except(set(), seen), max_events=5, idle_timeout_s=15)
+    assert refused and stats.commit_failures == 0  # the refusal was injected, not a real failure
+    assert _committed(bootstrap, names["topic"], names["group"]) == {0: 5}
+    assert all(seen[f"o-{i}"] == 2 for i in range(5))  # read again after the refusal (harmless: idempotent)
