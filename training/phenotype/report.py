@@ -25,6 +25,27 @@ def topk_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _hand_written(metrics: dict) -> str:
+    h = metrics.get("hand_written")
+    if not h:
+        return ""
+    return f"""## Hand-written text (tests/data: journal-style case reports, ordinary imaging orders)
+
+{h['n_cases']} case-report paragraphs written for this project (not by the generator; the lexicon's curated
+table was extended while reading them, so they are a development set, not a held-out one) and
+{h['n_ordinary']} ordinary imaging orders as requesters write them.
+
+| | value |
+|---|---:|
+| present precision (a neighbouring term counts as right) | {_pct(h['present_precision'])} |
+| present recall, exact term | {_pct(h['present_recall_exact'])} |
+| present recall, the term or an ancestor/descendant | {_pct(h['present_recall_near'])} |
+| right disease top-1 / top-3 / top-10 | {_pct(h['top1'])} / {_pct(h['top3'])} / {_pct(h['top10'])} |
+| case reports given a suggestion | {_pct(h['gate_accept_cases'])} |
+| ordinary orders given a suggestion | {_pct(h['gate_accept_ordinary'])} |
+"""
+
+
 def render_report(metrics: dict, release: str, profile: dict, build_s: float) -> str:
     cr = metrics["concept_recognition"]
     cal = "\n".join(f"| {c['predicted']:.3f} | {c['observed']:.3f} | {c['n']} |" for c in metrics["calibration_top1"])
@@ -60,6 +81,8 @@ diseases), {metrics['weighted_by_annotations']['all']['model']['n']} cases: this
 | excluded features | {_pct(cr['excluded_precision'])} | {_pct(cr['excluded_recall'])} |
 
 Exact HPO term match; a feature named by a phrasing that maps to a neighbouring term counts as a miss and a false hit.
+
+{_hand_written(metrics)}
 
 ## Specificity gate
 
