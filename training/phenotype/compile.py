@@ -289,9 +289,10 @@ def _transpose(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols
 def compile_knowledge(ontology_path: Path = DEFAULT_ONTOLOGY, annotations_path: Path = DEFAULT_ANNOTATIONS) -> dict:
     """Everything the runtime needs, as plain arrays and lists (see :func:`write_knowledge`)."""
     if Path(ontology_path).name.removesuffix(".gz").endswith(".obo"):
-        from training.phenotype.obo import load_ontology_obo
+        from training.phenotype.obo import read_obo
 
-        onto = load_ontology_obo(ontology_path)
+        fields = read_obo(ontology_path)
+        onto = Ontology(**fields, index={h: i for i, h in enumerate(fields["ids"])})
     else:
         onto = load_ontology(ontology_path)
     anc = ancestor_closure(onto.parents)

@@ -59,7 +59,7 @@ CURATED: dict[str, str] = {
 # ("creatine kinase was elevated" for Elevated circulating creatine kinase concentration): keys without
 # them are added as "derived" entries (lowest priority, two words at least)
 OPTIONAL_WORDS = ("stereotypical", "stereotypic", "recurrent", "episodic", "frequent", "persistent", "circulating",
-                  "concentration", "level", "serum", "plasma")
+                  "concentration", "level", "serum", "plasma", "blood")
 # single words that are synonyms of a finding but mostly mean something else in prose ("during sleep")
 BLOCKED_KEYS = frozenset({"sleep", "nap", "tired"})
 PRIORITY = {"curated": 0, "label": 1, "exact": 2, "layperson": 2, "related": 3, "broad": 4, "derived": 5}

