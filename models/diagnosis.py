@@ -25,7 +25,13 @@ logistic regression on generated cases, see ``training.phenotype.fit``):
   patient's stated age is below half the disease's earliest annotated onset), an ORPHA-only flag, and two
   inheritance flags: consanguineous parents but a disease not annotated autosomal recessive; an affected
   parent but a disease annotated only autosomal recessive (a prior: OMIM diseases are what
-  most case descriptions are about; ORPHA-only entries are often subtypes or groups).
+  most case descriptions are about; ORPHA-only entries are often subtypes or groups);
+- missing hallmarks: the share of the disease's specific features annotated in >= 80 % of patients that
+  the description does not name (a sparsely annotated disease whose defining feature is not mentioned
+  should not win on its few matches); missing name terms: the same for the findings the disease's name
+  states ("... with situs inversus"); named features x log(1 + the sum of the disease's annotated
+  frequencies) (beside the same with the annotation count: a disease with many rare annotations is not
+  penalised as one with many frequent ones).
 """
 
 from __future__ import annotations
@@ -45,11 +51,13 @@ from schemas.catalog import disease_coding
 
 KIND = "hpo-ranker"
 MIN_SHARED_IC = 1.0
+HALLMARK_FREQ, HALLMARK_IC = 0.8, 2.0
 SIM_CACHE_TERMS = 256  # x 48 kB
 FILES = ("hpo_terms.json", "hpo_graph.npz", "diseases.json", "lexicon.json", "ranker.json")
 FEATURES = ("explained_ic", "log_frequency", "partial_ic", "resnik_mean", "excluded", "contradiction",
             "log_annotations", "sex_mismatch", "orpha_only", "terms_x_log_annotations", "too_young",
-            "consanguinity_not_recessive", "affected_parent_recessive_only")
+            "consanguinity_not_recessive", "affected_parent_recessive_only", "missing_hallmarks", "missing_name_terms",
+            "terms_x_log_frequency_mass")
 GATE_FEATURES = ("n_present", "n_specific", "sum_ic_specific", "max_ic", "top1_probability", "top10_probability",
                  "ordinary_share", "neoplasm_share")
 NEOPLASM = "HP:0002664"
@@ -108,11 +116,26 @@ class Ranker:
         self.n_diseases = len(self.n_annotations)
         self._sim_cache: dict[int, np.ndarray] = {}
         self.log_annotations = np.log1p(self.n_annotations).astype(np.float32)
+        # the expected number of a patient's features among the annotations (sum of frequencies): when an
+        # author names the frequent ones, a named feature is one draw among that many, not among all
+        mass = np.add.reduceat(a["an_freq"].astype(np.float64), a["an_indptr"][:-1]) if len(a["an_freq"]) else 0.0
+        self.log_mass = np.log1p(np.where(np.diff(a["an_indptr"]) > 0, mass, 0.0)).astype(np.float32)
         self.orpha_only = a["orpha_only"].astype(np.float32)
         self.onset_years = a["onset_years"].astype(np.float32)  # NaN: unknown (never "too young")
         inh = a["inheritance"].astype(np.int16)
         self.not_recessive = ((inh != 0) & ((inh & 2) == 0)).astype(np.float32)
         self.recessive_only = (inh == 2).astype(np.float32)
+        # hallmarks: a disease's specific features annotated in >= 80 % of patients (term -> diseases); a
+        # description that names none of them is less likely that disease, however few its annotations
+        an_rows = np.repeat(np.arange(self.n_diseases, dtype=np.int32), np.diff(a["an_indptr"]))
+        keep = (a["an_freq"] >= HALLMARK_FREQ) & (self.ic[a["an_indices"]] >= HALLMARK_IC)
+        h_terms, h_rows = a["an_indices"][keep], an_rows[keep]
+        order = np.argsort(h_terms, kind="stable")
+        self.hm_terms, self.hm_rows = h_terms[order], h_rows[order]
+        self.hm_start = np.searchsorted(self.hm_terms, np.arange(len(self.ic) + 1))
+        self.hm_total = np.bincount(h_rows, minlength=self.n_diseases).astype(np.float32)
+        self.has_hm = np.diff(self.hm_start) > 0
+        self.set_name_terms([[] for _ in range(self.n_diseases)])
         # excluded annotations as term -> diseases (CSC), for "the disease says NOT q"
         ex_indptr, ex_indices = a["ex_indptr"], a["ex_indices"]
         rows = np.repeat(np.arange(self.n_diseases, dtype=np.int32), np.diff(ex_indptr))
@@ -120,6 +143,18 @@ class Ranker:
         self.ex_terms = ex_indices[order]
         self.ex_rows = rows[order]
         self.ex_start = np.searchsorted(self.ex_terms, np.arange(len(self.ic) + 1))
+        self.has_ex = np.diff(self.ex_start) > 0
+
+    def set_name_terms(self, per_disease: Sequence[Sequence[int]]) -> None:
+        """The findings a disease is named after ("... with situs inversus", "Microcephaly-..."): a
+        description of that disease names them; one that does not is less likely that disease."""
+        rows = np.array([d for d, terms in enumerate(per_disease) for _ in terms], dtype=np.int32)
+        terms = np.array([t for ts in per_disease for t in ts], dtype=np.int64)
+        order = np.argsort(terms, kind="stable")
+        self.nt_terms, self.nt_rows = terms[order], rows[order]
+        self.nt_start = np.searchsorted(self.nt_terms, np.arange(len(self.ic) + 1))
+        self.nt_total = np.bincount(rows, minlength=self.n_diseases).astype(np.float32)
+        self.has_nt = np.diff(self.nt_start) > 0
 
     def ancestors(self, t: int) -> np.ndarray:
         return self.anc_indices[self.anc_indptr[t] : self.anc_indptr[t + 1]]
@@ -129,7 +164,7 @@ class Ranker:
         terms = [t for t in dict.fromkeys(terms) if self.phenotypic[t]]
         covered: set[int] = set()
         for t in terms:
-            covered.update(int(a) for a in self.ancestors(t) if a != t)
+            covered.update(x for x in self.ancestors(t).tolist() if x != t)
         return [t for t in terms if t not in covered]
 
     def similarity(self, q: int) -> np.ndarray:
@@ -151,9 +186,10 @@ class Ranker:
         self._sim_cache[q] = sim
         return sim
 
-    def features(self, present: Sequence[int], excluded: Sequence[int] = (), sex: int = 0, age: float | None = None,
-                 family: tuple[bool, bool] = (False, False)):
-        """``[n_diseases, len(FEATURES)]`` and the per-term similarity arrays (for explanations)."""
+    def columns(self, present: Sequence[int], excluded: Sequence[int] = (), sex: int = 0, age: float | None = None,
+                family: tuple[bool, bool] = (False, False)):
+        """The FEATURES columns over all diseases (None: all zero), the per-term similarity arrays (for
+        explanations), and the present and excluded terms used."""
         present = self.most_specific(present)
         excluded = [e for e in dict.fromkeys(excluded) if self.phenotypic[e] and e not in present]
         n = self.n_diseases
@@ -170,25 +206,59 @@ class Ranker:
             rows = self.col_rows[lo:hi]
             explained[rows] += self.ic[q]  # a hit: sim == IC(q) there
             log_freq[rows] += np.log(np.maximum(self.col_freq[lo:hi], 0.01))
-            for a in self.ancestors(q):
-                ex = self.ex_rows[self.ex_start[a] : self.ex_start[a + 1]]
-                if len(ex):
-                    contradiction[ex] += 1.0
-        absent = np.zeros(n, dtype=np.float32)
-        for e in excluded:
-            lo, hi = self.col_indptr[e], self.col_indptr[e + 1]
-            absent[self.col_rows[lo:hi]] += np.log1p(-0.9 * self.col_freq[lo:hi])
-        mismatch = ((self.sex != 0) & (self.sex != sex)).astype(np.float32) if sex else np.zeros(n, np.float32)
-        X = np.stack([
-            explained, log_freq, sim_sum - explained, sim_sum / max(1, len(present)), absent, contradiction,
-            self.log_annotations, mismatch, self.orpha_only,
+            anc = self.ancestors(q)
+            for a in anc[self.has_ex[anc]]:
+                contradiction[self.ex_rows[self.ex_start[a] : self.ex_start[a + 1]]] += 1.0
+        # hallmarks and name terms the description names (or names more specifically)
+        up = np.unique(np.concatenate([self.ancestors(q) for q in present])) if present else np.zeros(0, np.int64)
+        named = np.zeros(n, dtype=np.float32)
+        for a in up[self.has_hm[up]]:
+            named[self.hm_rows[self.hm_start[a] : self.hm_start[a + 1]]] += 1.0
+        named_nt = np.zeros(n, dtype=np.float32)
+        for a in up[self.has_nt[up]]:
+            named_nt[self.nt_rows[self.nt_start[a] : self.nt_start[a + 1]]] += 1.0
+        absent = None
+        if excluded:
+            absent = np.zeros(n, dtype=np.float32)
+            for e in excluded:
+                lo, hi = self.col_indptr[e], self.col_indptr[e + 1]
+                absent[self.col_rows[lo:hi]] += np.log1p(-0.9 * self.col_freq[lo:hi])
+        cols = [
+            explained, log_freq, sim_sum - explained, sim_sum / max(1, len(present)), absent,
+            contradiction if contradiction.any() else None, self.log_annotations,
+            ((self.sex != 0) & (self.sex != sex)).astype(np.float32) if sex else None, self.orpha_only,
             # a generative view: each named feature is one draw among the disease's annotations
             len(present) * self.log_annotations,
-            (age < 0.5 * self.onset_years).astype(np.float32) if age is not None else np.zeros(n, np.float32),
-            self.not_recessive if family[0] else np.zeros(n, np.float32),
-            self.recessive_only if family[1] else np.zeros(n, np.float32),
-        ], axis=1)
-        return X, per_term, present, excluded
+            (age < 0.5 * self.onset_years).astype(np.float32) if age is not None else None,
+            self.not_recessive if family[0] else None, self.recessive_only if family[1] else None,
+            (self.hm_total - named) / np.maximum(self.hm_total, 1.0),
+            (self.nt_total - named_nt) / np.maximum(self.nt_total, 1.0),
+            len(present) * self.log_mass,
+        ]
+        return cols, per_term, present, excluded
+
+    def features(self, present: Sequence[int], excluded: Sequence[int] = (), sex: int = 0, age: float | None = None,
+                 family: tuple[bool, bool] = (False, False)):
+        """``[n_diseases, len(FEATURES)]`` and the per-term similarity arrays (for explanations)."""
+        cols, per_term, present, excluded = self.columns(present, excluded, sex, age, family)
+        zero = np.zeros(self.n_diseases, np.float32)
+        return np.stack([zero if c is None else c for c in cols], axis=1), per_term, present, excluded
+
+    def score(self, weights: np.ndarray, *args, **kwargs):
+        """``features(...) @ weights`` without building the matrix (what serving needs)."""
+        cols, per_term, present, excluded = self.columns(*args, **kwargs)
+        s = np.zeros(self.n_diseases, np.float32)
+        for w, c in zip(weights, cols, strict=True):
+            if c is not None and w:
+                s += np.float32(w) * c
+        return s, per_term, present, excluded
+
+
+def name_terms(recognizer: PhenotypeRecognizer, ranker: Ranker, display: str) -> list[int]:
+    """Specific findings a disease's name states ("Marfanoid habitus with situs inversus" -> Situs inversus
+    totalis...), IC >= 2 (not "Abnormality of ...")."""
+    found = patient_terms(recognizer.recognise(display))[0]
+    return [t for t in dict.fromkeys(found) if ranker.phenotypic[t] and ranker.ic[t] >= HALLMARK_IC]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -219,8 +289,11 @@ class DiagnosisModel:
         self.ranker = Ranker(arrays)
         self.recognizer = PhenotypeRecognizer.load(folder, phenotypic=self.ranker.phenotypic)
         self.diseases = json.loads((folder / "diseases.json").read_text(encoding="utf-8"))
+        self.name_terms = [name_terms(self.recognizer, self.ranker, row["display"]) for row in self.diseases]
+        self.ranker.set_name_terms(self.name_terms)
         params = json.loads((folder / "ranker.json").read_text(encoding="utf-8"))
-        self.weights = np.asarray(params["weights"], dtype=np.float32)
+        weights = np.asarray(params["weights"], dtype=np.float32)  # features added later are appended: weight 0
+        self.weights = np.concatenate([weights, np.zeros(max(0, len(FEATURES) - len(weights)), np.float32)])
         self.temperature = float(params["temperature"])
         self.gate = params["gate"]
         index = {h: i for i, h in enumerate(self.recognizer.ids)}
@@ -250,8 +323,7 @@ class DiagnosisModel:
 
     # -- inference -----------------------------------------------------------------------------
     def scores(self, present, excluded=(), sex: int = 0, age: float | None = None, family=(False, False)):
-        X, per_term, present, excluded = self.ranker.features(present, excluded, sex, age, family)
-        return X @ self.weights, per_term, present, excluded
+        return self.ranker.score(self.weights, present, excluded, sex, age, family)
 
     def gate_vector(self, present: list[int], proba: np.ndarray | None) -> np.ndarray:
         """Inputs of the specificity gate (GATE_FEATURES). "Ordinary" terms are those that training saw

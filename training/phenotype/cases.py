@@ -3,8 +3,9 @@
 A case of disease d: a patient is sampled feature by feature with the annotated frequencies; 3-20
 features are named (fewer when the disease has fewer annotations), 30 % of them by a less specific
 ancestor term, 20 % by a more specific child or a sibling term (real descriptions rarely use the
-curators' granularity); 0-3 findings unrelated to the disease are added; 0-3 absent features are
-stated as negations (the disease's NOT annotations first, else features the disease lacks); a
+curators' granularity); a disease with fewer than 3 annotations gets children or siblings of them up to 3
+findings; the findings its name states are named in 75 % of cases; 0-3 findings unrelated to the disease
+are added; 0-3 absent features are stated as negations (the disease's NOT annotations first, else features the disease lacks); a
 relative's findings may be mentioned (they must not count). Every feature is named by its HPO label,
 a synonym from ``phrasings`` (for evaluation: synonyms the lexicon never saw) or a paraphrase of the
 label ("hypoplastic corpus callosum", "abnormal liver"), inside sentences of several case-report
@@ -89,7 +90,8 @@ ENDINGS = ("Parents are non-consanguineous.", "Genetic testing is pending.",
 class CaseGenerator:
     """Samples cases from compiled knowledge (``compile_knowledge`` output) and a phrasing table."""
 
-    def __init__(self, knowledge: dict, phrasings: dict[int, list[str]], seed: int = 0):
+    def __init__(self, knowledge: dict, phrasings: dict[int, list[str]], seed: int = 0,
+                 name_terms: list[list[int]] | None = None):
         self.k = knowledge
         self.onto = knowledge["ontology"]
         self.records = knowledge["records"]
@@ -97,6 +99,7 @@ class CaseGenerator:
         self.ic = self.arrays["ic"]
         self.phenotypic = self.arrays["phenotypic"]
         self.phrasings = phrasings
+        self.name_terms = name_terms or []
         self.rng = random.Random(seed)
         # term pool for unrelated findings and negations: annotated terms, by how often diseases have them
         an = self.arrays["an_indices"]
@@ -147,13 +150,25 @@ class CaseGenerator:
         if len(present) < min(3, len(feats)):
             rest = sorted((x for x in feats if x[0] not in present), key=lambda x: (-x[1], r.random()))
             present += [t for t, _ in rest[: min(3, len(feats)) - len(present)]]
-        r.shuffle(present)
-        present = present[:k]
+        # which of the patient's features the author names: the characteristic (frequent) ones more often
+        freq = dict(feats)
+        present.sort(key=lambda t: -(r.random() ** (1.0 / (freq[t] + 0.3))))
+        # a report of "X with situs inversus" usually names situs inversus (the name's findings come first)
+        named_after = [t for t in (self.name_terms[d] if d < len(self.name_terms) else ()) if r.random() < 0.75]
+        present = list(dict.fromkeys(named_after + present))[: max(k, len(named_after))]
         named = []
         for t in present:
             x = r.random()
             named.append(self._generalise(t) if x < 0.3 else self._shift(t) if x < 0.5 else t)
         named = list(dict.fromkeys(named))
+        # a patient of a sparsely annotated disease still has 3 findings or more: the curators' few terms,
+        # and findings next to them (a more specific child, a sibling) as other reports of it describe
+        for _ in range(12):
+            if len(named) >= 3 or not present:
+                break
+            t = self._shift(r.choice(present))
+            if self.phenotypic[t] and t not in named:
+                named.append(t)
         noise = [t for t in r.sample(self.common, r.choice((0, 0, 1, 1, 2, 3))) if t not in rec.features]
         annotated = set(rec.features)
         neg_pool = [t for t in rec.excluded] if rec.excluded and r.random() < 0.6 else []

