@@ -173,7 +173,10 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
             "head_lr": 3e-3,
             "class_weights": "sqrt",
             "target_precision": 0.95,  # auto-assign only at 95 % precision (issue 11); coverage is reported
-            "student_layers": 2,  # 3 -> 2 layers, initialised from the teacher's layers 0 and 2
+            # 3 -> 1 layer (the teacher's first). Measured at 64 word pieces on 2,400 training orders, one
+            # teacher, held-out split as served: 2 layers top-1 91.2 / top-3 97.65 / coverage at 95 %
+            # precision 93.3; 1 layer 91.15 / 97.75 / 93.1, at 0.66x the 2-layer student's CPU per order
+            "student_layers": 1,
             "distill_epochs": 0.5,
             "prune_ffn": 0.25,
             "recovery_epochs": 0.25,
