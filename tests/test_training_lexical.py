@@ -4,6 +4,7 @@ the encoder's inside the exported graph."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -110,3 +111,14 @@ def test_encoder_with_lexical_branch_exports_and_quantizes_with_parity(fitted, t
     agreement = parity(OnnxTextEncoder(fp32, tok_path, MAX_LENGTH).logits(batch), served.logits(batch))
     assert agreement["top1_agreement"] >= 0.99, agreement
     assert (served.logits(TEXTS).argmax(1) == np.asarray(LABELS)).all()  # the lexical branch decides here
+    # the lexical table alone in 4-bit blocks (the protocol default): every other table stays int8,
+    # the file shrinks, and the served model still agrees with fp32
+    lex4 = quantize(fp32, tmp_path / "lex4.onnx", embeddings="int8", lexical="int4")
+    graph = onnx.load(str(lex4)).graph
+    blocks = [n.input[0] for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(blocks) == 1 and "lexical" in blocks[0], blocks
+    assert any(n.op_type == "Gather" and "word_embeddings" in n.input[0] for n in graph.node)
+    assert lex4.stat().st_size < int8.stat().st_size
+    served4 = OnnxTextEncoder(lex4, tok_path, MAX_LENGTH)
+    agreement4 = parity(OnnxTextEncoder(fp32, tok_path, MAX_LENGTH).logits(batch), served4.logits(batch))
+    assert agreement4["top1_agreement"] >= 0.95, agreement4

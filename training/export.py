@@ -126,36 +126,48 @@ def quantize(
     *,
     per_channel: bool = False,
     embeddings: str = "int4",
+    lexical: str | None = None,
     block_size: int = 32,
 ) -> Path:
     """Dynamic int8 quantization (``QInt8`` weights) of MatMul/Gemm, plus the embedding tables
-    as ``int8`` (per-tensor), ``int4`` (block-wise, symmetric) or ``fp32`` (left alone)."""
+    as ``int8`` (per-tensor), ``int4`` (block-wise, symmetric) or ``fp32`` (left alone).
+    ``lexical``: the lexical branch's table (``training.lexical``) alone as ``int8`` or ``int4``
+    (None: as ``embeddings``)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
-    if embeddings not in ("int8", "int4", "fp32"):
-        raise ValueError(f"embeddings must be int8, int4 or fp32, got {embeddings!r}")
-    ops = ["MatMul", "Gemm"] + (["Gather"] if embeddings == "int8" else [])
+    lexical = lexical or embeddings
+    for name, value in (("embeddings", embeddings), ("lexical", lexical)):
+        if value not in ("int8", "int4", "fp32"):
+            raise ValueError(f"{name} must be int8, int4 or fp32, got {value!r}")
     model = onnx.load(str(fp32_path))
     model.graph.ClearField("value_info")  # stale shapes break the quantizer's shape inference
+    lexical_nodes = _lexical_gathers(model)
+    tables = {n.name: lexical if n.name in lexical_nodes else embeddings for n in _table_gathers(model)}
+    int4 = [name for name, kind in tables.items() if kind == "int4"]
+    int8_excluded = [name for name, kind in tables.items() if kind != "int8"]
     with _quiet_ort_quantizer():
         quantize_dynamic(
             model,
             str(out_path),
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=ops,
+            op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+            nodes_to_exclude=int8_excluded,
             per_channel=per_channel,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-        if embeddings == "int4":
+        if int4:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+            int8_model = onnx.load(str(out_path))
             quantizer = MatMulNBitsQuantizer(
-                onnx.load(str(out_path)),
+                int8_model,
                 bits=4,
                 block_size=block_size,
                 is_symmetric=True,
+                # every other Gather stays as it is (an int8 table must not be quantized twice)
+                nodes_to_exclude=[n.name for n in int8_model.graph.node if n.op_type == "Gather" and n.name not in int4],
                 op_types_to_quantize=("Gather",),
                 quant_axes=(("Gather", 1),),
             )
@@ -166,6 +178,17 @@ def quantize(
         os.remove(stale)
     onnx.checker.check_model(str(out_path))
     return out_path
+
+
+def _table_gathers(model) -> list:
+    """The Gather nodes that read a weight table (an initializer): the embedding lookups."""
+    tables = {init.name for init in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in tables]
+
+
+def _lexical_gathers(model) -> set[str]:
+    """The lexical branch's table lookup (``model.lexical.embedding.weight`` in the export)."""
+    return {n.name for n in _table_gathers(model) if ".lexical." in f".{n.input[0]}"}
 
 
 def parity(fp32_logits: np.ndarray, int8_logits: np.ndarray) -> dict:

@@ -146,7 +146,9 @@ def render_model_card(manifest: dict, *, profile: str = "default") -> str:
         f"- Input: the text built by `schemas.text.build_model_input` from the ServiceRequest, truncated to "
         f"{manifest.get('max_length')} tokens.",
         "- Format: ONNX, dynamic int8 weight quantization (MatMul/Gemm), embedding tables "
-        f"{train.get('embeddings_quantization', 'int8')}; runs on ONNX Runtime CPU without PyTorch.",
+        f"{train.get('embeddings_quantization', 'int8')}"
+        + (f", lexical table {train['lexical_quantization']}" if train.get("lexical_quantization") else "")
+        + "; runs on ONNX Runtime CPU without PyTorch.",
         *_training_lines(train),
         "",
         "## Training data",

@@ -192,8 +192,10 @@ def export_stage(run: Run, model: EncoderClassifier, files: ModelFiles) -> float
 def quantize_stage(run: Run, files: ModelFiles) -> dict:
     """int8 ONNX into the version folder; returns the sizes (``training.evaluate.sizes``)."""
     p = run.profile
-    run.stage("quantize", f"int8 weights, {p.embeddings} embeddings, per_channel={p.per_channel}")
-    quantize(files.fp32, files.int8, per_channel=p.per_channel, embeddings=p.embeddings)
+    lexical = p.lexical_embeddings or p.embeddings
+    run.stage("quantize", f"int8 weights, {p.embeddings} embeddings, {lexical} lexical table, "
+              f"per_channel={p.per_channel}")
+    quantize(files.fp32, files.int8, per_channel=p.per_channel, embeddings=p.embeddings, lexical=lexical)
     size = ev.sizes(files.fp32, files.int8)
     run.stage("quantize", f"{size['int8_bytes'] / 1e6:.1f} MB ({size['int8_over_fp32']:.3f} of fp32)")
     run.stage.done("quantize")
@@ -323,6 +325,7 @@ def register_stage(run: Run, files: ModelFiles, info: dict[str, Any], calibratio
         "seed": run.seed,
         **{k: v for k, v in info.items() if k != "config"},
         "embeddings_quantization": p.embeddings,
+        "lexical_quantization": (p.lexical_embeddings or p.embeddings) if p.lexical_dim else None,
         "per_channel": p.per_channel,
         "train_config": info.get("config"),
         "n_train": len(data.train_x),
