@@ -8,6 +8,11 @@ intended dispatch as ``discriminator: {propertyName: resourceType, mapping}``, w
 ignores; we load the schema once, replace those two ``oneOf``s with a ``fhirResourceType``
 keyword that follows the discriminator, and otherwise validate with stock Draft 6 semantics.
 Same verdicts, about 100x faster, and errors point at the failing field.
+
+When ``jsonschema-rs`` (a Rust validator) is installed, a resource is first checked by it against
+the same schema with the dispatch written as Draft 7 ``if``/``then`` per resource type (about 0.6 ms
+for a 14-resource write-back Bundle instead of about 60 ms, issue 13); only a resource it finds
+invalid goes through the Python validator, which says why (and has the last word).
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ def r4_schema_errors(resource: Any) -> list[str]:
     Each string is ``"<JSON path>: <failed keyword> (<detail from the schema>)"``; it never
     quotes a value from the resource (only field names), so it can be logged.
     """
+    fast = _fast_validator()
+    if fast is not None:
+        try:
+            if fast.is_valid(resource):
+                return []
+        except Exception:  # noqa: BLE001 - what it cannot read, the Python validator judges
+            pass
     validator = _validator()
     errors = sorted(validator.iter_errors(resource), key=lambda e: (_path(e), str(e.validator)))
     return [_describe(error) for error in errors]
@@ -78,6 +90,27 @@ def _validator() -> Any:
 
     FhirValidator = validators.extend(Draft6Validator, {_DISPATCH_KEYWORD: fhir_resource_type})
     return FhirValidator(_schema())
+
+
+@lru_cache(maxsize=1)
+def _fast_validator() -> Any | None:
+    """The schema for ``jsonschema_rs`` (Draft 7: ``if``/``then`` on ``resourceType`` per type,
+    formats not asserted, as the Python validator), or ``None`` without the package."""
+    try:
+        import jsonschema_rs
+    except ImportError:
+        return None
+    schema = _schema()
+    mapping: dict[str, str] = schema[_DISPATCH_KEYWORD]
+    dispatch = {
+        "type": "object",
+        "required": ["resourceType"],
+        "properties": {"resourceType": {"enum": sorted(mapping)}},
+        "allOf": [{"if": {"properties": {"resourceType": {"const": t}}}, "then": {"$ref": ref}} for t, ref in mapping.items()],
+    }
+    definitions = {**schema["definitions"], "ResourceList": dispatch}
+    draft7 = {"$schema": "http://json-schema.org/draft-07/schema#", "definitions": definitions, **dispatch}
+    return jsonschema_rs.Draft7Validator(draft7, validate_formats=False)
 
 
 def _path(error: Any) -> str:
