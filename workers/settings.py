@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     dlq_max_record_bytes: int = Field(default=1_000_000, ge=64 * 1024)
     # Orders (not events) queued or running at once per consumer: bounds the Redis queue.
     max_in_flight_orders: int = Field(default=64, ge=1, le=10_000)
+    write_batch_orders: int = Field(
+        default=16,
+        ge=1,
+        le=500,
+        description="Orders per Celery task and per FHIR transaction (micro-batch); a refused transaction "
+        "is retried order by order, so one bad order never blocks the others (1: one order per task).",
+    )
     # First wait before an event is tried again; it doubles with each failure.
     retry_backoff_s: float = Field(default=2.0, gt=0)
     # The longest wait between two attempts of an event.
