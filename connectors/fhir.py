@@ -39,6 +39,7 @@ from connectors.fhir_errors import (
     parse_retry_after,
 )
 from schemas.outcomes import outcome_codes
+from schemas.references import is_resource_type, parse_relative_reference
 
 __all__ = [
     "AuthKind",
@@ -63,7 +64,6 @@ Params = Mapping[str, Any] | Sequence[tuple[str, Any]]
 _MAX_INLINE_RETRY_AFTER_S = 30.0
 # After GET metadata proved the base URL right, a 404 is taken as "not found" this long.
 _BASE_URL_CHECK_TTL_S = 300.0
-_REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?$")
 
 
 def entry_status(entry: Mapping[str, Any]) -> int:
@@ -245,7 +245,7 @@ class FhirClient:
         """PUT (update or create-with-id) a resource; ``if_match`` is a versionId for optimistic locking."""
         rtype = _check_type(resource.get("resourceType"))
         rid = resource.get("id")
-        if not rid or not _REFERENCE.match(f"{rtype}/{rid}"):
+        if not rid or parse_relative_reference(f"{rtype}/{rid}") is None:
             raise ValueError("put() needs a resource with a valid id")
         headers = {"If-Match": f'W/"{if_match}"'} if if_match else {}
         return self._request(
@@ -261,13 +261,13 @@ class FhirClient:
             if not ref.startswith(self.base_url + "/"):
                 raise ValueError(f"reference {reference!r} is not on this FHIR server ({self.base_url})")
             ref = ref[len(self.base_url) + 1 :]
-        match = _REFERENCE.match(ref)
-        if not match:
+        parsed = parse_relative_reference(ref)
+        if parsed is None:
             raise ValueError(
                 "not a FHIR reference like 'ServiceRequest/123' or 'ServiceRequest/123/_history/2': "
                 f"{reference!r}"
             )
-        return match.group(1), match.group(2), match.group(3)
+        return parsed.resource_type, parsed.id, parsed.version
 
     def _same_server(self, url: str) -> str:
         """Map a paging link onto our base URL.
@@ -372,7 +372,7 @@ class FhirClient:
                     req_headers["Content-Type"] = FHIR_JSON
                     req_headers.setdefault("Prefer", "return=representation")
                 # params=None, not []: httpx replaces a URL's query (a paging link's) with empty params.
-                query = _param_items(params) or None
+                query = tuple(_param_items(params)) or None
                 resp = self._http.request(method, url, json=json, params=query, headers=req_headers)
             except httpx.TimeoutException as exc:
                 failure = FhirTransientError(
@@ -443,7 +443,7 @@ def _certificate_rejected(exc: BaseException) -> bool:
 
 
 def _check_type(resource_type: object) -> str:
-    if not isinstance(resource_type, str) or not re.fullmatch(r"[A-Z][A-Za-z]+", resource_type):
+    if not is_resource_type(resource_type):
         raise ValueError(f"not a FHIR resource type: {resource_type!r}")
     return resource_type
 

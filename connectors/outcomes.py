@@ -19,11 +19,12 @@ from kafka.errors import KafkaError
 from connectors.dlq import DeadLetter, dead_letter_record, json_bytes, minimal_dead_letter, reason_headers
 from connectors.retry import RetryKind
 from schemas.events import ParsedEvent
+from schemas.outcomes import ORDER_STATUSES
 
 log = logging.getLogger(__name__)
 
 # Result statuses that are an order's final word (the others ask the consumer to retry).
-FINAL_RESULT_STATUSES = frozenset({"written", "skipped", "no_suggestion", "rejected"})
+FINAL_RESULT_STATUSES = frozenset(ORDER_STATUSES)
 
 
 @dataclass

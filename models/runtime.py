@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +28,10 @@ from models.registry import (
     ModelRegistry,
     verify_version_dir,
 )
+from schemas.labels import Label, ModelOutput, Prediction
+
+if TYPE_CHECKING:
+    from schemas.exam_mask import ExamMasker
 
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -49,7 +55,7 @@ def top_k_confidence(probs: np.ndarray, k: int = 1) -> np.ndarray:
     return -np.sort(-probs, axis=-1)[..., :k].sum(axis=-1)
 
 
-def session_options(threads: int = 1):
+def session_options(threads: int = 1) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -131,6 +137,7 @@ class OnnxTextEncoder:
             if out is None:
                 out = np.empty((len(ids), logits.shape[-1]), dtype=np.float32)
             out[chunk] = logits
+        assert out is not None  # ids is not empty
         return out
 
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
@@ -154,7 +161,6 @@ class TextClassifier:
     """A registry model ready to predict: ``TextClassifier.load(version_dir).predict(texts)``."""
 
     def __init__(self, manifest: Manifest, encoder: OnnxTextEncoder, version_dir: Path):
-        self._masker = False  # built on first use (exam_masker)
         self.manifest = manifest
         self.encoder = encoder
         self.version_dir = version_dir
@@ -223,19 +229,19 @@ class TextClassifier:
         """Calibrated (temperature-scaled) class probabilities, ``[len(texts), num_labels]``."""
         return softmax(self.logits(texts, batch_size=batch_size), self.temperature)
 
-    def outputs_from_proba(self, proba: np.ndarray, top_k: int = 5, weights: Sequence[Sequence[float] | None] | None = None) -> list:
+    def outputs_from_proba(
+        self, proba: np.ndarray, top_k: int = 5, weights: Sequence[Sequence[float] | None] | None = None
+    ) -> list[ModelOutput]:
         """ModelOutputs from calibrated probabilities. ``weights`` (one per row, or ``None``): a
         per-label weight for that input (0 = not allowed, e.g. a protocol of another exam than the
         one ordered); the row is reweighted and renormalised before ranking and abstention, and a
         disallowed label that the unweighted model is confident in comes back as ``alternative``."""
-        from schemas.labels import ModelOutput
-
         proba, excluded = apply_label_weights(proba, weights)
         alternatives = [self._prediction(i, p) if i is not None else None for i, p in excluded]
         k = max(1, min(int(top_k), proba.shape[-1]))
         threshold = self.threshold
         confidences = top_k_confidence(proba, self.manifest.calibration.confidence_top_k)
-        results = []
+        results: list[ModelOutput] = []
         for row, confidence, alternative in zip(proba, confidences, alternatives):
             top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
             top = top[np.argsort(-row[top], kind="stable")]
@@ -255,9 +261,7 @@ class TextClassifier:
             )
         return results
 
-    def _prediction(self, index: int, probability: float):
-        from schemas.labels import Prediction
-
+    def _prediction(self, index: int, probability: float) -> Prediction:
         label = self.labels[index]
         return Prediction(label.system, label.code, label.display, min(1.0, max(0.0, round(float(probability), 6))))
 
@@ -267,7 +271,7 @@ class TextClassifier:
         top_k: int = 5,
         batch_size: int = 32,
         weights: Sequence[Sequence[float] | None] | None = None,
-    ) -> list:
+    ) -> list[ModelOutput]:
         """One :class:`schemas.labels.ModelOutput` per text, in input order: the top-k labels by
         calibrated probability, ``abstained`` when the probability mass of the top
         ``calibration.confidence_top_k`` labels (1: the top-1 probability) is below the manifest's
@@ -279,14 +283,12 @@ class TextClassifier:
         return self.outputs_from_proba(self.predict_proba(texts, batch_size=batch_size), top_k=top_k, weights=weights)
 
     # -- the ordered exam (protocol models) ---------------------------------------------------
-    @property
-    def exam_masker(self):
+    @cached_property
+    def exam_masker(self) -> ExamMasker | None:
         """For a protocol model: the :class:`schemas.exam_mask.ExamMasker` over its labels (the
         manifest's ``protocol_catalog`` for a hospital catalog, else the default catalog), or
         ``None`` when the labels' attributes are unknown (then nothing is masked)."""
-        if self._masker is False:
-            self._masker = _exam_masker(self.manifest, self.labels) if self.task == "protocol" else None
-        return self._masker
+        return _exam_masker(self.manifest, self.labels) if self.task == "protocol" else None
 
     def order_weights(self, service_requests: Sequence[dict]) -> list[list[float] | None] | None:
         """Per-order label weights from each order's code (``None``: no masking at all)."""
@@ -336,7 +338,7 @@ def apply_label_weights(
     return proba, excluded
 
 
-def _exam_masker(manifest: Manifest, labels: list):
+def _exam_masker(manifest: Manifest, labels: list[Label]) -> ExamMasker | None:
     from schemas.catalog import PROTOCOL_SYSTEM, PROTOCOLS, Protocol
     from schemas.exam_mask import ExamMasker
 

@@ -349,8 +349,8 @@ def _parse_notification(entries: list[dict[str, Any]]) -> ParsedEvent:
             event.skipped.append((deleted, "deleted"))
             covered.add(deleted)
             continue
-        request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
-        parsed = parse_reference(entry.get("fullUrl")) or parse_reference(request.get("url"))
+        url = entry["request"].get("url") if isinstance(entry.get("request"), dict) else None
+        parsed = parse_reference(entry.get("fullUrl")) or parse_reference(url)
         if parsed and parsed.resource_type == "ServiceRequest" and parsed.id not in covered:
             references.append(parsed.relative)
             covered.add(parsed.id)

@@ -74,7 +74,8 @@ class Prediction:
 
 @dataclass
 class ModelOutput:
-    """One model's ranked answer for one input; ``abstained`` when top-1 is below ``threshold``."""
+    """One model's ranked answer for one input; ``abstained`` when the model's confidence (the
+    probability mass of its top ``calibration.confidence_top_k`` labels) is below ``threshold``."""
 
     task: str
     model: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeGuard
 
 from schemas.references import ID_RE, RESOURCE_TYPE_RE
 from schemas.rejections import FIELD_NAME_RE, EventRejected, code_repr
@@ -221,7 +221,7 @@ def _loc_path(loc: tuple[Any, ...]) -> str:
     return path or "(resource)"
 
 
-def _is_code(value: Any, codes: frozenset[str]) -> bool:
+def _is_code(value: Any, codes: frozenset[str]) -> TypeGuard[str]:
     return isinstance(value, str) and value in codes
 
 

@@ -14,9 +14,24 @@ with a literal in it (``where(name = 'Ada')``) is dropped whole.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, Required, TypedDict
 
-__all__ = ["ORDER_STATUSES", "OrderOutcome", "OrderStatus", "outcome_code_summary", "outcome_codes"]
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs from Python 3.13
+
+__all__ = [
+    "NOT_FINAL_STATUSES",
+    "ORDER_STATUSES",
+    "NotFinalOutcome",
+    "NotFinalStatus",
+    "OrderOutcome",
+    "OrderStatus",
+    "RetryDetails",
+    "TaskResult",
+    "is_final",
+    "outcome_code_summary",
+    "outcome_codes",
+]
 
 ISSUE_SEVERITIES = frozenset({"fatal", "error", "warning", "information"})
 _CODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}")
@@ -114,3 +129,34 @@ class OrderOutcome(TypedDict):
     resources: NotRequired[dict[str, list[str]]]  # written: resource type -> "Type/id" references
     created: NotRequired[int]  # written: resources the transaction created
     existing: NotRequired[int]  # written: resources that were already there (a redelivered order)
+    superseded: NotRequired[list[str]]  # written: older versions' open Tasks cancelled ("Task/id")
+    cancelled: NotRequired[list[str]]  # skipped as void: its open Tasks cancelled ("Task/id")
+
+
+# What a task reports when the order has no final outcome yet; the consumer decides about retrying.
+# unavailable: a dependency is down (wait, do not spend the event's budget); deployment_error:
+# credentials/base URL/payload key wrong (pause, never dead-letter); failed: this order failed (a
+# bug, a timeout, a lost worker), spending the event's budget.
+NotFinalStatus = Literal["unavailable", "deployment_error", "failed"]
+NOT_FINAL_STATUSES: tuple[NotFinalStatus, ...] = ("unavailable", "deployment_error", "failed")
+
+
+class RetryDetails(TypedDict, total=False):
+    error_type: str  # failed: the exception's type name (never its text)
+    http_status: int | None  # unavailable / deployment_error: the FHIR server's answer
+    retry_after: float | None  # unavailable: the server's Retry-After, seconds
+
+
+class NotFinalOutcome(RetryDetails):
+    order: Required[str | None]  # the reference the task was given, when known
+    status: Required[NotFinalStatus]
+    reason_code: Required[str]
+
+
+# The result of one order's task, as the dispatcher reads it back from the result backend.
+TaskResult = OrderOutcome | NotFinalOutcome
+
+
+def is_final(result: TaskResult) -> TypeIs[OrderOutcome]:
+    """Whether a task result is the order's outcome (``ORDER_STATUSES``) rather than a retry."""
+    return result.get("status") in ORDER_STATUSES

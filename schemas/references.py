@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 # FHIR R4 id and resource type name grammars (https://hl7.org/fhir/R4/datatypes.html#id).
 ID_PATTERN = r"[A-Za-z0-9\-.]{1,64}"
@@ -18,7 +18,9 @@ RESOURCE_TYPE_RE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _REFERENCE_RE = re.compile(
     rf"(?:^|/)(?P<type>[A-Z][A-Za-z]{{1,63}})/(?P<id>{ID_PATTERN})(?:/_history/(?P<version>{ID_PATTERN}))?/?$"
 )
-_RELATIVE_RE = re.compile(rf"[A-Z][A-Za-z]{{1,63}}/{ID_PATTERN}(?:/_history/{ID_PATTERN})?")
+_RELATIVE_RE = re.compile(
+    rf"(?P<type>[A-Z][A-Za-z]{{1,63}})/(?P<id>{ID_PATTERN})(?:/_history/(?P<version>{ID_PATTERN}))?"
+)
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,34 @@ def parse_reference(value: Any) -> ParsedReference | None:
     return ParsedReference(match["type"], match["id"], match["version"])
 
 
+def parse_relative_reference(value: Any) -> ParsedReference | None:
+    """The resource a relative reference names (``Type/id`` or ``Type/id/_history/vid``, nothing
+    before or after it), or ``None`` for anything else."""
+    match = _RELATIVE_RE.fullmatch(value) if isinstance(value, str) else None
+    return ParsedReference(match["type"], match["id"], match["version"]) if match else None
+
+
 def is_relative_reference(value: Any) -> bool:
     """True for ``Type/id`` or ``Type/id/_history/vid`` (a reference on the server we talk to)."""
-    return isinstance(value, str) and _RELATIVE_RE.fullmatch(value) is not None
+    return parse_relative_reference(value) is not None
+
+
+def is_resource_type(value: Any) -> TypeGuard[str]:
+    """True for a string that is a FHIR resource type name (``ServiceRequest``)."""
+    return isinstance(value, str) and RESOURCE_TYPE_RE.fullmatch(value) is not None
+
+
+def order_id_reference(order_id: str) -> str:
+    """``ServiceRequest/{id}``: the order itself, whichever version (what outcomes and tasks name)."""
+    return f"ServiceRequest/{order_id}"
 
 
 def order_reference(service_request: dict[str, Any]) -> str:
     """``ServiceRequest/{id}/_history/{versionId}`` when the version is known, else ``ServiceRequest/{id}``:
-    a suggestion must point at the version of the order that the model actually read."""
+    the version of the order that the model actually read, which a suggestion must point at (an
+    outcome names the order unversioned, :func:`order_id_reference`)."""
     version = (service_request.get("meta") or {}).get("versionId")
-    base = f"ServiceRequest/{service_request['id']}"
+    base = order_id_reference(service_request["id"])
     if isinstance(version, str) and ID_RE.fullmatch(version):
         return f"{base}/_history/{version}"
     return base

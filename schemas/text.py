@@ -24,7 +24,7 @@ from typing import Any
 from schemas.catalog import LOINC_SYSTEM
 from schemas.fhirjson import clean_text, code_in, codings, first_code, objects
 from schemas.imaging import SNOMED_SYSTEM, is_imaging_order, names_imaging_modality
-from schemas.references import is_relative_reference, parse_reference
+from schemas.references import parse_relative_reference
 
 __all__ = [
     "build_model_input",
@@ -114,10 +114,9 @@ def context_references(service_request: dict[str, Any]) -> list[str]:
     references: dict[str, None] = {}  # ordered and O(1) membership
     sr = service_request
     for ref in objects(sr.get("reasonReference")) + objects(sr.get("supportingInfo")):
-        value = ref.get("reference")
-        parsed = parse_reference(value) if is_relative_reference(value) else None
+        parsed = parse_relative_reference(ref.get("reference"))
         if parsed and parsed.resource_type in CONTEXT_RESOURCE_TYPES:
-            references[value] = None
+            references[parsed.relative] = None  # the reference as written: nothing before or after it
             if len(references) == MAX_CONTEXT_REFERENCES:
                 break
     return list(references)

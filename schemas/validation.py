@@ -82,7 +82,7 @@ def _validator() -> Any:
         if not validator.is_type(instance, "object"):
             yield ValidationError("a resource must be an object", validator="type", validator_value="object")
             return
-        ref = mapping.get(instance.get("resourceType"))  # type: ignore[arg-type]
+        ref = mapping.get(instance.get("resourceType"))
         if ref is None:
             yield ValidationError("unknown resourceType", validator=_DISPATCH_KEYWORD, path=["resourceType"])
             return

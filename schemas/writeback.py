@@ -22,104 +22,73 @@ inputs, except for ``recorded``.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import uuid
-from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote
 
 from schemas.labels import ModelOutput, Prediction
-from schemas.references import ID_RE, order_reference
+from schemas.references import order_reference
 from schemas.validation import r4_schema_errors
+from schemas.writeback_common import (
+    AIAST,
+    DEVICE_IDENTIFIER_SYSTEM,
+    HL7_CS,
+    IDENTIFIER_SYSTEM,
+    KEY_VERSION,
+    MODEL_SYSTEM,
+    NO_CONFIDENT_PROTOCOL,
+    PROTOCOL_SUGGESTED,
+    PROVENANCE_TAG_SYSTEM,
+    SUGGESTION_CODES,
+    SUGGESTION_SYSTEM,
+    OrderContext,
+    aiast_meta,
+    conditional_entry,
+    device_identifier_value,
+    full_url,
+    key_hash,
+    model_note,
+    order_id_of,
+    order_idempotency_key,
+    prediction_concept,
+    rounded_probability,
+    suggestion_coding,
+    suggestion_concept,
+    suggestion_identifier,
+    token_query,
+)
+from schemas.writeback_diagnosis import (
+    HPO_SYSTEM,
+    PHENOTYPE_INTERPRETATION,
+    phenotype_observation,
+    risk_assessment,
+)
 
-IDENTIFIER_SYSTEM = "https://ehr-worker.dev/fhir/NamingSystem/suggestion-key"
-# meta.tag system carrying the idempotency key where ifNoneExist searches _tag (Provenance,
-# RiskAssessment).
-PROVENANCE_TAG_SYSTEM = "https://ehr-worker.dev/fhir/CodeSystem/suggestion-key"
-DEVICE_IDENTIFIER_SYSTEM = "https://ehr-worker.dev/fhir/NamingSystem/model"
-# Project codes for workflow concepts (Task code, businessStatus, input types).
-SUGGESTION_SYSTEM = "https://ehr-worker.dev/fhir/CodeSystem/suggestion"
-MODEL_SYSTEM = "https://ehr-worker.dev/fhir/CodeSystem/model"
+# The systems and keys live in schemas.writeback_common; they are re-exported here, with the Bundle.
+__all__ = [
+    "ABSTAINED_ALTERNATIVES",
+    "AIAST",
+    "DEVICE_IDENTIFIER_SYSTEM",
+    "HPO_SYSTEM",
+    "IDENTIFIER_SYSTEM",
+    "MODEL_SYSTEM",
+    "NO_CONFIDENT_PROTOCOL",
+    "PROTOCOL_SUGGESTED",
+    "PROVENANCE_TAG_SYSTEM",
+    "SUGGESTION_CODES",
+    "SUGGESTION_SYSTEM",
+    "WritebackSchemaError",
+    "build_writeback_bundle",
+    "check_writeback_bundle",
+    "device_identifier_value",
+    "order_idempotency_key",
+    "suggestion_codesystem",
+    "suggestion_identifier",
+]
 
-AIAST = {
-    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-    "code": "AIAST",
-    "display": "artificial intelligence asserted",
-}
-PROTOCOL_SUGGESTED = "Protocol suggested"
-NO_CONFIDENT_PROTOCOL = "No confident protocol suggestion; ranked alternatives attached"
-
-# Display texts of the SUGGESTION_SYSTEM codes; suggestion_codesystem() publishes them.
-SUGGESTION_CODES = {
-    "protocol-order": "Protocol the imaging order",
-    "protocol-suggested": PROTOCOL_SUGGESTED,
-    "no-confident-suggestion": NO_CONFIDENT_PROTOCOL,
-    "suggested-protocol": "Suggested protocol",
-    "suggested-protocol-probability": "Calibrated probability of the suggested protocol",
-    "alternative-protocol": "Alternative protocol",
-    "alternative-protocol-probability": "Calibrated probability of the alternative protocol above",
-    "rare-disease-differential": "Rare disease differential diagnosis",
-    "indication-suggests-other-exam": "Protocol of another exam than the one ordered that the indication may call for",
-    "indication-suggests-other-exam-probability": "Calibrated probability of that protocol, unrestricted by the order",
-}
 # Below the threshold the Task lists this many ranked protocols for the radiologist to choose from.
 ABSTAINED_ALTERNATIVES = 3
 
-_HL7_CS = "http://terminology.hl7.org/CodeSystem"
-_KEY_VERSION = "ehrw-suggestion-v1"  # part of every key: bump only to deliberately re-suggest everything
-_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://ehr-worker.dev/fhir/writeback")
-_PROBABILITY_DIGITS = 4  # calibrated probabilities carry no more meaning than this
 _PRIORITIES = frozenset({"routine", "urgent", "asap", "stat"})
-
-
-# --------------------------------------------------------------------------- keys
-
-
-def suggestion_identifier(service_request: dict[str, Any], model: str, model_version: str) -> str:
-    """The idempotency key of a suggestion: a hash of (order id, order version, model, model
-    version). The order version is ``meta.versionId``, or a hash of the order's canonical JSON
-    (``meta`` excluded) when the server gives none, so an edited order gets a new suggestion."""
-    order_id, order_version = _order_id(service_request), _order_version(service_request)
-    return _hash(_KEY_VERSION, "ServiceRequest", order_id, order_version, model, model_version)
-
-
-def order_idempotency_key(service_request: dict[str, Any]) -> str:
-    """The key of one version of an order (id + ``meta.versionId``, or a content hash without
-    one): replays of the same order version share it, an edited order gets a new one."""
-    return _hash(_KEY_VERSION, "ServiceRequest", _order_id(service_request), _order_version(service_request))
-
-
-def _order_version(service_request: dict[str, Any]) -> str:
-    version = (service_request.get("meta") or {}).get("versionId")
-    if isinstance(version, str) and ID_RE.fullmatch(version):
-        return f"v:{version}"
-    content = {k: v for k, v in service_request.items() if k != "meta"}
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def _hash(*parts: str) -> str:
-    # Unit separator between parts: no concatenation of different parts can collide.
-    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:32]
-
-
-def _full_url(resource_type: str, key: str) -> str:
-    return f"urn:uuid:{uuid.uuid5(_UUID_NAMESPACE, f'{resource_type}|{key}')}"
-
-
-def device_identifier_value(model: str, model_version: str) -> str:
-    """``{model}@{version}``: no ``|`` (the token search separator) between the two."""
-    return f"{model}@{model_version}"
-
-
-def _token_query(param: str, system: str, value: str) -> str:
-    """``param=system|value`` for ifNoneExist: FHIR search escapes for ``\\ | $ ,`` in the value,
-    then URL-encoding of anything else that is not plain (``+``, ``&``, space...). Hex keys and
-    ordinary model names pass unchanged."""
-    escaped = value.replace("\\", "\\\\").replace("|", "\\|").replace("$", "\\$").replace(",", "\\,")
-    return f"{param}={system}|{quote(escaped, safe='-._~:@/')}"
 
 
 # --------------------------------------------------------------------------- the Bundle
@@ -139,13 +108,16 @@ def build_writeback_bundle(
     RiskAssessment. When nothing is left to write the Bundle has no ``entry`` (callers skip
     posting it). ``recorded`` defaults to now; a naive datetime is taken as UTC.
     """
-    order_id = _order_id(service_request)
+    order_id = order_id_of(service_request)
     subject = _patient_reference(service_request.get("subject"))
     if subject is None:
         raise ValueError(f"ServiceRequest {order_id} has no subject reference or identifier")
-    when = _instant(recorded or datetime.now(timezone.utc))
-    order_ref = order_reference(service_request)
-    encounter = _plain_reference(service_request.get("encounter"))
+    order = OrderContext(
+        order_ref=order_reference(service_request),
+        subject=subject,
+        encounter=_plain_reference(service_request.get("encounter")),
+        when=_instant(recorded or datetime.now(timezone.utc)),
+    )
 
     entries: list[dict[str, Any]] = []
     devices: dict[str, str] = {}  # device fullUrl -> model label, in insertion order
@@ -164,59 +136,46 @@ def build_writeback_bundle(
         priority = service_request.get("priority")  # a stat order's protocol Task is stat too
         task = _task(
             protocol,
+            order,
             key=key,
-            order_ref=order_ref,
-            subject=subject,
-            encounter=encounter,
             priority=priority if isinstance(priority, str) and priority in _PRIORITIES else None,
             device_url=device_url,
-            when=when,
         )
-        entries.append(_entry(task, key, _token_query("identifier", IDENTIFIER_SYSTEM, key)))
+        entries.append(conditional_entry(task, key, token_query("identifier", IDENTIFIER_SYSTEM, key)))
         targets.append((entries[-1]["fullUrl"], key))
 
     if diagnosis is not None and not diagnosis.abstained and diagnosis.predictions:
         device_url = add_device(diagnosis)
         key = suggestion_identifier(service_request, diagnosis.model, diagnosis.model_version)
         observations = [
-            _phenotype_observation(ph, key=key, order_ref=order_ref, subject=subject, encounter=encounter,
-                                   device_url=device_url, when=when)
+            phenotype_observation(ph, order, key=key, device_url=device_url)
             for ph in diagnosis.phenotypes
-            if ph.get("status") in _PHENOTYPE_INTERPRETATION and str(ph.get("code", "")).startswith("HP:")
+            if ph.get("status") in PHENOTYPE_INTERPRETATION and str(ph.get("code", "")).startswith("HP:")
         ]
         for obs in observations:
             obs_key = obs["identifier"][0]["value"]
-            entries.append(_entry(obs, obs_key, _token_query("identifier", IDENTIFIER_SYSTEM, obs_key)))
+            entries.append(conditional_entry(obs, obs_key, token_query("identifier", IDENTIFIER_SYSTEM, obs_key)))
             targets.append((entries[-1]["fullUrl"], obs_key))
-        risk = _risk_assessment(
+        risk = risk_assessment(
             diagnosis,
+            order,
             key=key,
-            order_ref=order_ref,
-            subject=subject,
-            encounter=encounter,
             device_url=device_url,
-            when=when,
-            basis=[_full_url("Observation", o["identifier"][0]["value"]) for o in observations],
+            basis=[full_url("Observation", o["identifier"][0]["value"]) for o in observations],
         )
         # R4 defines RiskAssessment?identifier, but servers do not all index it (sekmet does not);
         # _tag is a base parameter every server indexes, so the key rides in meta.tag as well.
-        entries.append(_entry(risk, key, _token_query("_tag", PROVENANCE_TAG_SYSTEM, key)))
+        entries.append(conditional_entry(risk, key, token_query("_tag", PROVENANCE_TAG_SYSTEM, key)))
         targets.append((entries[-1]["fullUrl"], key))
 
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "meta": _meta(), "type": "transaction"}
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "meta": aiast_meta(), "type": "transaction"}
     if not targets:
         return bundle
 
-    provenance_key = _hash(_KEY_VERSION, "Provenance", *sorted(key for _, key in targets))
-    provenance = _provenance(
-        key=provenance_key,
-        targets=[url for url, _ in targets],
-        order_ref=order_ref,
-        devices=devices,
-        when=when,
-    )
-    tag_query = _token_query("_tag", PROVENANCE_TAG_SYSTEM, provenance_key)
-    entries.append(_entry(provenance, provenance_key, tag_query))
+    provenance_key = key_hash(KEY_VERSION, "Provenance", *sorted(key for _, key in targets))
+    provenance = _provenance(order, key=provenance_key, targets=[url for url, _ in targets], devices=devices)
+    tag_query = token_query("_tag", PROVENANCE_TAG_SYSTEM, provenance_key)
+    entries.append(conditional_entry(provenance, provenance_key, tag_query))
     bundle["identifier"] = {"system": IDENTIFIER_SYSTEM, "value": provenance_key}
     bundle["entry"] = entries
     check_writeback_bundle(bundle)
@@ -249,24 +208,11 @@ def check_writeback_bundle(bundle: dict[str, Any]) -> None:
         raise WritebackSchemaError(errors)
 
 
-def _entry(resource: dict[str, Any], key: str, if_none_exist: str) -> dict[str, Any]:
-    resource_type = resource["resourceType"]
-    return {
-        "fullUrl": _full_url(resource_type, key),
-        "resource": resource,
-        "request": {"method": "POST", "url": resource_type, "ifNoneExist": if_none_exist},
-    }
-
-
-def _meta(**extra: Any) -> dict[str, Any]:
-    return {"security": [dict(AIAST)], **extra}
-
-
 def _device_entry(output: ModelOutput) -> dict[str, Any]:
     value = device_identifier_value(output.model, output.model_version)
     device: dict[str, Any] = {
         "resourceType": "Device",
-        "meta": _meta(),
+        "meta": aiast_meta(),
         "identifier": [{"system": DEVICE_IDENTIFIER_SYSTEM, "value": value}],
         "status": "active",
         "deviceName": [{"name": output.model, "type": "model-name"}],
@@ -276,26 +222,18 @@ def _device_entry(output: ModelOutput) -> dict[str, Any]:
     if output.model_card_url:
         device["note"] = [{"text": f"Model card: {output.model_card_url}"}]
     return {
-        "fullUrl": _full_url("Device", value),
+        "fullUrl": full_url("Device", value),
         "resource": device,
         "request": {
             "method": "POST",
             "url": "Device",
-            "ifNoneExist": _token_query("identifier", DEVICE_IDENTIFIER_SYSTEM, value),
+            "ifNoneExist": token_query("identifier", DEVICE_IDENTIFIER_SYSTEM, value),
         },
     }
 
 
 def _task(
-    output: ModelOutput,
-    *,
-    key: str,
-    order_ref: str,
-    subject: dict[str, Any],
-    encounter: dict[str, Any] | None,
-    priority: str | None,
-    device_url: str,
-    when: str,
+    output: ModelOutput, order: OrderContext, *, key: str, priority: str | None, device_url: str
 ) -> dict[str, Any]:
     ranked = list(output.predictions)
     if not output.abstained and not ranked:
@@ -314,7 +252,7 @@ def _task(
             _concept_input("alternative-protocol", alternative),
             _decimal_input("alternative-protocol-probability", alternative),
         ]
-    notes = [{"text": _model_note(output)}]
+    notes = [{"text": model_note(output)}]
     if output.alternative is not None:
         # flagged, never substituted: protocoling performs the exam that was ordered
         inputs += [
@@ -325,19 +263,19 @@ def _task(
     status_code = "no-confident-suggestion" if output.abstained else "protocol-suggested"
     task = {
         "resourceType": "Task",
-        "meta": _meta(),
+        "meta": aiast_meta(),
         "identifier": [{"system": IDENTIFIER_SYSTEM, "value": key}],
         "status": "requested",
-        "businessStatus": _suggestion_concept(status_code),
+        "businessStatus": suggestion_concept(status_code),
         "intent": "proposal",
         "priority": priority,
-        "code": _suggestion_concept("protocol-order"),
+        "code": suggestion_concept("protocol-order"),
         "description": "AI-suggested imaging protocol for this order; a clinician accepts or overrides it.",
-        "focus": {"reference": order_ref},
-        "for": subject,
-        "encounter": encounter,
-        "authoredOn": when,
-        "lastModified": when,
+        "focus": {"reference": order.order_ref},
+        "for": order.subject,
+        "encounter": order.encounter,
+        "authoredOn": order.when,
+        "lastModified": order.when,
         "requester": {"reference": device_url},
         "note": notes,
         "input": inputs or None,
@@ -345,121 +283,23 @@ def _task(
     return {k: v for k, v in task.items() if v is not None}
 
 
-def _risk_assessment(
-    output: ModelOutput,
-    *,
-    key: str,
-    order_ref: str,
-    subject: dict[str, Any],
-    encounter: dict[str, Any] | None,
-    device_url: str,
-    when: str,
-    basis: Sequence[str] = (),
-) -> dict[str, Any]:
-    risk = {
-        "resourceType": "RiskAssessment",
-        "meta": _meta(tag=[{"system": PROVENANCE_TAG_SYSTEM, "code": key}]),
-        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": key}],
-        "status": "preliminary",
-        "method": {
-            "coding": [
-                {
-                    "system": MODEL_SYSTEM,
-                    "version": output.model_version,
-                    "code": output.model,
-                    "display": output.model,
-                }
-            ],
-            "text": f"{output.model} {output.model_version}",
-        },
-        "code": _suggestion_concept("rare-disease-differential"),
-        "subject": subject,
-        "encounter": encounter,
-        "occurrenceDateTime": when,
-        "performer": {"reference": device_url},
-        "basis": [{"reference": order_ref}] + [{"reference": url} for url in basis],
-        "prediction": [_risk_prediction(p) for p in output.predictions],
-        "note": [{"text": _model_note(output)}],
-    }
-    return {k: v for k, v in risk.items() if v is not None}
-
-
-HPO_SYSTEM = "http://human-phenotype-ontology.org"
-_INTERPRETATION_SYSTEM = f"{_HL7_CS}/v3-ObservationInterpretation"
-# Phenopackets on FHIR: a phenotypic feature is an Observation coded with the HPO term; an excluded
-# feature has interpretation NEG (and value false), an observed one POS (value true).
-_PHENOTYPE_INTERPRETATION = {"present": ("POS", "Positive", True), "excluded": ("NEG", "Negative", False)}
-
-
-def _risk_prediction(p: Prediction) -> dict[str, Any]:
-    outcome = _prediction_concept(p)
-    outcome["coding"] += [{"system": s, "code": c, "display": d} for s, c, d in p.codings]
-    out: dict[str, Any] = {"outcome": outcome, "probabilityDecimal": _probability(p)}
-    rationale = _rationale(p)
-    if rationale:
-        out["rationale"] = rationale
-    return out
-
-
-def _rationale(p: Prediction) -> str:
-    """The coded features behind a ranked disease: HPO codes and labels only, never note text."""
-    parts = []
-    if p.supporting:
-        parts.append("Supporting features: " + "; ".join(f"{c} {lab}" for c, lab in p.supporting) + ".")
-    if p.against:
-        parts.append("Absent features that count against it: " + "; ".join(f"{c} {lab}" for c, lab in p.against) + ".")
-    return " ".join(parts)
-
-
-def _phenotype_observation(
-    phenotype: dict[str, str],
-    *,
-    key: str,
-    order_ref: str,
-    subject: dict[str, Any],
-    encounter: dict[str, Any] | None,
-    device_url: str,
-    when: str,
-) -> dict[str, Any]:
-    code, label, status = str(phenotype["code"]), str(phenotype.get("label", "")), phenotype["status"]
-    interp, interp_display, value = _PHENOTYPE_INTERPRETATION[status]
-    obs_key = _hash(_KEY_VERSION, "Observation", key, code, status)
-    obs = {
-        "resourceType": "Observation",
-        "meta": _meta(),
-        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": obs_key}],
-        "basedOn": [{"reference": order_ref}],
-        "status": "preliminary",
-        "category": [{"coding": [{"system": f"{_HL7_CS}/observation-category", "code": "exam", "display": "Exam"}]}],
-        "code": {"coding": [{"system": HPO_SYSTEM, "code": code, "display": label}], "text": label},
-        "subject": subject,
-        "encounter": encounter,
-        "issued": when,
-        "device": {"reference": device_url},
-        "valueBoolean": value,
-        "interpretation": [{"coding": [{"system": _INTERPRETATION_SYSTEM, "code": interp, "display": interp_display}]}],
-        "method": {"text": "AI concept recognition from the order's clinical text"},
-    }
-    return {k: v for k, v in obs.items() if v is not None}
-
-
 def _provenance(
-    *, key: str, targets: list[str], order_ref: str, devices: dict[str, str], when: str
+    order: OrderContext, *, key: str, targets: list[str], devices: dict[str, str]
 ) -> dict[str, Any]:
     return {
         "resourceType": "Provenance",
-        "meta": _meta(tag=[{"system": PROVENANCE_TAG_SYSTEM, "code": key}]),
+        "meta": aiast_meta(tag=[{"system": PROVENANCE_TAG_SYSTEM, "code": key}]),
         "target": [{"reference": url} for url in targets],
-        "recorded": when,
+        "recorded": order.when,
         "activity": {
-            "coding": [{"system": f"{_HL7_CS}/v3-DataOperation", "code": "CREATE", "display": "create"}]
+            "coding": [{"system": f"{HL7_CS}/v3-DataOperation", "code": "CREATE", "display": "create"}]
         },
         "agent": [
             {
                 "type": {
                     "coding": [
                         {
-                            "system": f"{_HL7_CS}/provenance-participant-type",
+                            "system": f"{HL7_CS}/provenance-participant-type",
                             "code": "author",
                             "display": "Author",
                         }
@@ -469,7 +309,7 @@ def _provenance(
             }
             for url, label in devices.items()
         ],
-        "entity": [{"role": "source", "what": {"reference": order_ref}}],
+        "entity": [{"role": "source", "what": {"reference": order.order_ref}}],
     }
 
 
@@ -496,57 +336,25 @@ def suggestion_codesystem() -> dict[str, Any]:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _suggestion_coding(code: str) -> dict[str, str]:
-    return {"system": SUGGESTION_SYSTEM, "code": code, "display": SUGGESTION_CODES[code]}
-
-
-def _suggestion_concept(code: str) -> dict[str, Any]:
-    return {"coding": [_suggestion_coding(code)], "text": SUGGESTION_CODES[code]}
-
-
 def _input_type(type_code: str) -> dict[str, Any]:
     # text is the code itself, so consumers can match input types without reading codings
-    return {"coding": [_suggestion_coding(type_code)], "text": type_code}
-
-
-def _prediction_concept(prediction: Prediction) -> dict[str, Any]:
-    coding = {"system": prediction.system, "code": prediction.code, "display": prediction.display}
-    return {"coding": [coding], "text": prediction.display}
+    return {"coding": [suggestion_coding(type_code)], "text": type_code}
 
 
 def _concept_input(type_code: str, prediction: Prediction) -> dict[str, Any]:
-    return {"type": _input_type(type_code), "valueCodeableConcept": _prediction_concept(prediction)}
+    return {"type": _input_type(type_code), "valueCodeableConcept": prediction_concept(prediction)}
 
 
 def _decimal_input(type_code: str, prediction: Prediction) -> dict[str, Any]:
-    return {"type": _input_type(type_code), "valueDecimal": _probability(prediction)}
-
-
-def _probability(prediction: Prediction) -> float:
-    return round(prediction.probability, _PROBABILITY_DIGITS)
-
-
-def _model_note(output: ModelOutput) -> str:
-    verdict = "abstained (no label reached" if output.abstained else "suggestion (top label reached"
-    return (
-        f"AI-generated by {output.model} {output.model_version}: {verdict} the calibrated probability "
-        f"threshold {output.threshold:g}). Not verified by a clinician."
-    )
+    return {"type": _input_type(type_code), "valueDecimal": rounded_probability(prediction)}
 
 
 def _other_exam_note(alternative: Prediction) -> str:
     return (
         f"Flag for the radiologist: the indication may call for another exam than the one ordered "
-        f"({alternative.display}, probability {_probability(alternative):g} when not restricted to the ordered exam). "
+        f"({alternative.display}, probability {rounded_probability(alternative):g} when not restricted to the ordered exam). "
         "The suggestions above protocol the ordered exam."
     )
-
-
-def _order_id(service_request: dict[str, Any]) -> str:
-    order_id = service_request.get("id")
-    if not isinstance(order_id, str) or not ID_RE.fullmatch(order_id):
-        raise ValueError("the ServiceRequest has no valid id")
-    return order_id
 
 
 def _patient_reference(subject: Any) -> dict[str, Any] | None:

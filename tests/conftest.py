@@ -67,16 +67,26 @@ def services(local_stack):
     svc.sekmet.stop()  # a test may have restarted it; the stack stops the rest
 
 
+@pytest.fixture(scope="module")
+def fhir_base(tmp_path_factory):
+    """The base URL of a sekmet FHIR server of the test module's own (no Kafka, no Redis)."""
+    from connectors.embedded import EmbeddedServices
+
+    with EmbeddedServices(tmp_path_factory.mktemp("fhir"), kafka=False, redis=False) as services:
+        yield services.fhir_base_url
+
+
 @pytest.fixture(scope="session")
 def tiny_registry(tmp_path_factory) -> Path:
     """Real models, trained, exported and int8-quantized with the tiny profile (about a minute)."""
+    from schemas.tasks import TASKS
     from training.build import build_models
 
     prebuilt = os.environ.get("EHRW_TEST_REGISTRY")  # reuse a tiny registry while iterating locally
     if prebuilt:
         return Path(prebuilt)
     root = tmp_path_factory.mktemp("registry")
-    build_models(root, tasks=("protocol", "diagnosis"), profile="tiny", seed=0, progress=False)
+    build_models(root, tasks=TASKS, profile="tiny", seed=0, progress=False)
     return root
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from schemas.tasks import TASKS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,7 +35,7 @@ def test_predict_writes_one_line_per_input_in_the_documented_shape(tiny_registry
         {"id": "c", "text": "Tall stature, arachnodactyly, ectopia lentis; echo for aortic root"},
     ]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for task in ("protocol", "diagnosis"):
+    for task in TASKS:
         out = tmp_path / f"{task}.jsonl"
         proc = run_cli("predict", "--task", task, "--top-k", "3", str(src), str(out), "--registry", str(tiny_registry))
         assert proc.returncode == 0, proc.stderr

@@ -15,7 +15,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from connectors.embedded import EmbeddedServices
 from connectors.fhir import (
     FhirAuth,
     FhirClient,
@@ -27,12 +26,6 @@ from connectors.fhir import (
 )
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture(scope="module")
-def fhir_base(tmp_path_factory) -> Iterator[str]:
-    with EmbeddedServices(tmp_path_factory.mktemp("fhir"), kafka=False, redis=False) as services:
-        yield services.fhir_base_url
 
 
 @pytest.fixture

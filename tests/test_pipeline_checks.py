@@ -3,26 +3,24 @@
 - An order fetched for a CloudEvent / id-only notification is validated exactly like an inline
   one: a poison order the server hands back becomes a ``rejected`` outcome, never an exception
   (before: KeyError / RecursionError in the task, retried forever). sekmet refuses to store these
-  orders, so a small real HTTP server plays the hospital's more lenient server.
+  orders, so the chaos lab's fault proxy in front of it plays the hospital's more lenient server.
 - Every outgoing write-back Bundle is checked against the R4 schema before it is sent (sekmet, like
   production servers, stores invalid codes): a model label that breaks R4 is refused, not written.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from connectors.embedded import EmbeddedServices
+from connectors.embedded import free_port
 from connectors.fhir import FhirClient
 from schemas.catalog import PROTOCOL_SYSTEM
 from schemas.events import OrderItem
 from schemas.labels import ModelOutput, Prediction
+from workers.chaos_proxy import FaultProxy, poisoned_order
 from workers.pipeline import ModelSet, suggest_for_order
 
 pytestmark = pytest.mark.services
@@ -56,42 +54,20 @@ def _order(order_id: str, **extra) -> dict:
     }
 
 
-def _deep_extension(depth: int) -> dict:
-    ext: dict = {"url": "http://example.org/x", "valueString": "x"}
-    for _ in range(depth):
-        ext = {"url": "http://example.org/x", "extension": [ext]}
-    return ext
-
-
 POISON = {
     "medicinal": _order("medicinal", contained=[{"resourceType": "MedicinalProduct", "id": "m"}]),
-    "deep": _order("deep", extension=[_deep_extension(150)]),
+    "deep": poisoned_order("deep"),  # an extension nested 150 deep
     "typed": _order("typed", contained=[{"resourceType": ["Patient"]}]),
     "other": _order("someone-else"),  # the server answers with another order
 }
 
 
 @pytest.fixture(scope="module")
-def lenient_server() -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            name = self.path.rsplit("/", 1)[-1]
-            body = json.dumps(POISON.get(name, {"resourceType": "CapabilityStatement"})).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/fhir"
-    httpd.shutdown()
-    httpd.server_close()
+def lenient_server(fhir_base) -> Iterator[str]:
+    proxy = FaultProxy(fhir_base, free_port()).start()
+    proxy.poison(POISON)  # reads of these orders answer the poison; everything else reaches sekmet
+    yield proxy.base_url
+    proxy.stop()
 
 
 @pytest.mark.parametrize(
@@ -112,11 +88,9 @@ def test_a_poison_order_fetched_by_reference_is_rejected_not_raised(lenient_serv
 
 
 @pytest.fixture(scope="module")
-def sekmet(tmp_path_factory) -> Iterator[FhirClient]:
-    with EmbeddedServices(tmp_path_factory.mktemp("fhir"), kafka=False, redis=False) as services:
-        client = FhirClient(services.fhir_base_url, max_retries=1)
+def sekmet(fhir_base) -> Iterator[FhirClient]:
+    with FhirClient(fhir_base, max_retries=1) as client:
         yield client
-        client.close()
 
 
 def test_an_invalid_write_back_is_refused_before_it_reaches_the_server(sekmet):

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from connectors.embedded import EmbeddedServices
 from connectors.fhir import FhirClient, FhirPermanentError
 from schemas.catalog import PROTOCOL_SYSTEM
 from schemas.events import OrderItem
@@ -38,11 +37,9 @@ class NotToBeCalled:
 
 
 @pytest.fixture(scope="module")
-def fhir(tmp_path_factory) -> Iterator[FhirClient]:
-    with EmbeddedServices(tmp_path_factory.mktemp("fhir"), kafka=False, redis=False) as services:
-        client = FhirClient(services.fhir_base_url, max_retries=1)
+def fhir(fhir_base) -> Iterator[FhirClient]:
+    with FhirClient(fhir_base, max_retries=1) as client:
         yield client
-        client.close()
 
 
 def _put_order(fhir: FhirClient, order_id: str, status: str = "active", text: str = "CT head") -> dict:

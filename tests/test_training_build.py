@@ -12,6 +12,7 @@ import pytest
 
 from models import Manifest, ModelRegistry
 from schemas.catalog import PROTOCOLS
+from schemas.tasks import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def manifests(tiny_registry) -> dict[str, Manifest]:
     reg = ModelRegistry(tiny_registry)
-    return {task: reg.verify(task) for task in ("protocol", "diagnosis")}
+    return {task: reg.verify(task) for task in TASKS}
 
 
 def test_registry_layout(tiny_registry, manifests):

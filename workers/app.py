@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from schemas.tasks import TASKS
 from workers.settings import Settings, get_settings
 
 
@@ -69,7 +70,7 @@ def verify_registry_before_forking(**_: Any) -> None:
 
     registry = ModelRegistry(get_settings().model_registry)
     try:
-        for task in ("protocol", "diagnosis"):
+        for task in TASKS:
             registry.verify(task)
         payload_cipher(get_settings().payload_key)  # the consumer's key for orders carried inline
     except (ModelIntegrityError, ModelNotFoundError, PayloadError) as exc:

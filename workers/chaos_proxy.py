@@ -21,6 +21,7 @@ import json
 import random
 import threading
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -67,6 +68,7 @@ class FaultProxy:
         self._drop = False
         self._poisoned: set[str] = set()
         self._refusal: tuple[int, str] | None = None
+        self._poison_bodies: dict[str, dict[str, Any]] = {}  # poisoned ids answered with a given order
         self._rng = random.Random(0)
         self._http = httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=64))
         self._server = _QuietServer(("127.0.0.1", port), self._handler())
@@ -98,9 +100,13 @@ class FaultProxy:
         with self._lock:
             self._refusal = None if status is None else (status, diagnostics)
 
-    def poison(self, ids: set[str]) -> None:
+    def poison(self, ids: Iterable[str] | Mapping[str, dict[str, Any]]) -> None:
+        """Answer reads of these ServiceRequest ids with :func:`poisoned_order`, or, given a mapping,
+        each with its own resource (any order a lenient server might hand back)."""
         with self._lock:
             self._poisoned |= set(ids)
+            if isinstance(ids, Mapping):
+                self._poison_bodies.update(ids)
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -162,7 +168,8 @@ class FaultProxy:
                     self._answer(status, json.dumps(outcome).encode(), {"Content-Type": "application/fhir+json"})
                     return
                 if action == "poison":
-                    self._answer(200, json.dumps(poisoned_order(arg)).encode(), {"Content-Type": "application/fhir+json"})
+                    order = proxy._poison_bodies.get(arg) or poisoned_order(arg)
+                    self._answer(200, json.dumps(order).encode(), {"Content-Type": "application/fhir+json"})
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 url = proxy.upstream + self.path.removeprefix("/fhir")

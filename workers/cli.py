@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from schemas.tasks import TASKS
+from workers.cli_options import InputArg, OutputArg, RegistryOpt, VerboseOpt, open_registry
+from workers.cli_options import fail as _fail
 
 app = typer.Typer(
     name="ehr-worker",
@@ -47,16 +52,11 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 @app.command()
 def consume(
     max_events: Annotated[Optional[int], typer.Option(help="Stop after this many events (default: run forever).")] = None,
     idle_timeout: Annotated[Optional[float], typer.Option(help="Stop after this many seconds without events.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Consume ServiceRequest events from Kafka and hand them to the Celery workers."""
     from connectors.kafka import ensure_topics
@@ -85,7 +85,7 @@ def replay(
     paths: Annotated[list[Path], typer.Argument(help="Fixture files or folders: .json (resource or Bundle), .ndjson.")],
     to: Annotated[ReplayTarget, typer.Option("--to", help="kafka: publish events; direct: send to the workers.")] = ReplayTarget.kafka,
     rate: Annotated[Optional[float], typer.Option(help="At most this many events per second.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Replay fixture events into Kafka, or directly to the Celery workers."""
     _setup_logging(verbose)
@@ -115,38 +115,41 @@ def replay(
 @app.command()
 def predict(
     task: Annotated[Task, typer.Option("--task", help="Which model to run.")],
-    input_path: Annotated[Path, typer.Argument(metavar="IN", help="FHIR ServiceRequest NDJSON, or JSONL with id and text.")],
-    output_path: Annotated[Path, typer.Argument(metavar="OUT", help="JSONL, one line per input ('-' for stdout).")],
+    input_path: InputArg,
+    output_path: OutputArg,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=50)] = 5,
-    registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    registry: RegistryOpt = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
 ) -> None:
     """Run one model over a file of orders, offline (no Kafka, no FHIR)."""
     from workers.offline import predict_file
 
-    try:
-        n = predict_file(task.value, input_path, output_path, top_k=top_k, registry=registry, batch_size=batch_size)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    if str(output_path) != "-":
-        typer.echo(f"wrote {n} predictions to {output_path}", err=True)
+    _offline(
+        lambda: predict_file(task.value, input_path, output_path, top_k=top_k, registry=registry, batch_size=batch_size),
+        output_path, "predictions",
+    )  # fmt: skip
 
 
 @app.command()
 def phenotypes(
-    input_path: Annotated[Path, typer.Argument(metavar="IN", help="FHIR ServiceRequest NDJSON, or JSONL with id and text.")],
-    output_path: Annotated[Path, typer.Argument(metavar="OUT", help="JSONL, one line per input ('-' for stdout).")],
-    registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    input_path: InputArg,
+    output_path: OutputArg,
+    registry: RegistryOpt = None,
 ) -> None:
     """Recognise HPO phenotypes in each text (present / excluded / family / uncertain, with character spans)."""
     from workers.offline import phenotypes_file
 
+    _offline(lambda: phenotypes_file(input_path, output_path, registry=registry), output_path, "lines")
+
+
+def _offline(run: Callable[[], int], output_path: Path, what: str) -> None:
+    """An offline file command: a bad input ends it (exit 2); ``wrote N <what> to OUT`` on stderr."""
     try:
-        n = phenotypes_file(input_path, output_path, registry=registry)
+        n = run()
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     if str(output_path) != "-":
-        typer.echo(f"wrote {n} lines to {output_path}", err=True)
+        typer.echo(f"wrote {n} {what} to {output_path}", err=True)
 
 
 @app.command()
@@ -263,7 +266,7 @@ def chaos(
 def models_build(
     task: Annotated[BuildTask, typer.Option("--task")] = BuildTask.all,
     profile: Annotated[str, typer.Option(help="default: the real models; tiny: seconds, for tests.")] = "default",
-    registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
+    registry: RegistryOpt = None,
     seed: int = 0,
 ) -> None:
     """Generate data, fine-tune, export, quantize to int8, calibrate, evaluate and register."""
@@ -271,19 +274,16 @@ def models_build(
     from workers.settings import get_settings
 
     root = registry or get_settings().model_registry
-    tasks = ("protocol", "diagnosis") if task is BuildTask.all else (task.value,)
+    tasks = TASKS if task is BuildTask.all else (task.value,)
     built = build_models(root, tasks=tasks, profile=profile, seed=seed, progress=True)
     for name, path in built.items():
         typer.echo(f"{name}: {path}")
 
 
 @models_app.command("list")
-def models_list(registry: Annotated[Optional[Path], typer.Option()] = None) -> None:
+def models_list(registry: RegistryOpt = None) -> None:
     """List registered models and their versions (current marked *)."""
-    from models.registry import ModelRegistry
-    from workers.settings import get_settings
-
-    reg = ModelRegistry(registry or get_settings().model_registry)
+    reg = open_registry(registry)
     tasks = reg.tasks()
     if not tasks:
         _fail(f"no models in {reg.root}; build them with `ehr-worker models build`", code=1)
@@ -298,14 +298,13 @@ def models_list(registry: Annotated[Optional[Path], typer.Option()] = None) -> N
 
 
 @models_app.command("verify")
-def models_verify(registry: Annotated[Optional[Path], typer.Option()] = None) -> None:
+def models_verify(registry: RegistryOpt = None) -> None:
     """Check every file of the current models against the manifest's sha256."""
-    from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
-    from workers.settings import get_settings
+    from models.registry import ModelIntegrityError, ModelNotFoundError
 
-    reg = ModelRegistry(registry or get_settings().model_registry)
+    reg = open_registry(registry)
     bad = False
-    for task in ("protocol", "diagnosis"):
+    for task in TASKS:
         try:
             reg.verify(task)
             typer.echo(f"ok      {task} {reg.current_version(task)}")

@@ -35,7 +35,8 @@ from typing import Any
 from connectors.kafka import EventConsumer, EventOutcome, Incoming
 from connectors.retry import RedisAttempts, RetryKind
 from schemas.events import OrderItem, ParsedEvent
-from schemas.outcomes import outcome_codes
+from schemas.outcomes import NotFinalOutcome, OrderOutcome, TaskResult, is_final, outcome_codes
+from schemas.references import order_id_reference
 from workers.clients import kafka_client_config
 from workers.observability import task_options  # Operations (issue 9)
 from workers.payload import apply_async_options, payload_cipher
@@ -44,7 +45,6 @@ from workers.tasks import STATUS_DEPLOYMENT, STATUS_FAILED, STATUS_UNAVAILABLE, 
 
 log = logging.getLogger(__name__)
 
-FINAL_STATUSES = frozenset({"written", "skipped", "no_suggestion", "rejected"})
 _KIND_OF_STATUS: dict[str, RetryKind] = {
     STATUS_UNAVAILABLE: "unavailable",
     STATUS_DEPLOYMENT: "deployment",
@@ -64,7 +64,7 @@ class VoidOrder:
     reason_code: str
 
     def apply_async_options(self) -> dict[str, Any]:
-        reference = f"ServiceRequest/{self.order_id}"
+        reference = order_id_reference(self.order_id)
         return {"args": [{"reference": reference, "void": self.reason_code}],
                 "argsrepr": f"({reference} void={self.reason_code})", "kwargsrepr": "{}"}  # fmt: skip
 
@@ -91,27 +91,27 @@ def unique_orders(items: list[OrderItem]) -> list[OrderItem]:
     return list(by_id.values())
 
 
-def outcome_for_event(results: list[dict[str, Any]]) -> EventOutcome:
+def outcome_for_event(outcomes: list[OrderOutcome]) -> EventOutcome:
     """The event's outcome once each of its orders has a final result (OperationOutcomes reduced to
     codes again: they become result events and dead-letter headers)."""
-    results = [
+    results: list[OrderOutcome] = [
         {**r, "operation_outcome": outcome_codes(r["operation_outcome"])} if "operation_outcome" in r else r
-        for r in results
+        for r in outcomes
     ]
-    rejected = [r for r in results if r.get("status") == "rejected"]
+    rejected = [r for r in results if r["status"] == "rejected"]
     if rejected:
         first = rejected[0]
         return EventOutcome(
             status="dead_letter",
-            results=results,
+            results=[dict(r) for r in results],
             reason_code=first.get("reason_code"),
             reason=first.get("reason"),
             details={"order": first.get("order"), "operation_outcome": first.get("operation_outcome")},
         )
-    return EventOutcome(status="done", results=results)
+    return EventOutcome(status="done", results=[dict(r) for r in results])
 
 
-def retry_outcome(result: dict[str, Any]) -> EventOutcome:
+def retry_outcome(result: NotFinalOutcome) -> EventOutcome:
     """The ``retry`` outcome for an order result that is not final (codes only, no event text)."""
     status = str(result.get("status"))
     kind = _KIND_OF_STATUS.get(status, "event")
@@ -131,7 +131,7 @@ class _Event:
     inc: Incoming
     orders: dict[str, OrderItem | VoidOrder]  # task id -> order
     keys: set[str]
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: dict[str, OrderOutcome] = field(default_factory=dict)
     started: bool = False
     outcome: EventOutcome | None = None
 
@@ -196,15 +196,14 @@ class CeleryDispatcher:
             for tid, result in self._ready(list(self._in_flight)).items():
                 self._in_flight.discard(tid)
                 progressed = True
-                event = mine.pop(tid, None)
-                final = result.get("status") in FINAL_STATUSES
-                if event is None or event.outcome is not None:
+                owner = mine.pop(tid, None)
+                if owner is None or owner.outcome is not None:
                     # An earlier round's task, or its event is decided already: a final result waits
                     # in Redis for the event's next dispatch; any other is dropped so that one re-runs.
-                    if not final:
+                    if not is_final(result):
                         self._forget([tid])
                     continue
-                halt = self._record(event, tid, result)
+                halt = self._record(owner, tid, result)
                 if halt is not None:
                     break
             if time.monotonic() - marker_checked >= _MARKER_CHECK_EVERY_S:
@@ -240,9 +239,9 @@ class CeleryDispatcher:
             if event.outcome is None or event.outcome.status == "retry":
                 blocking.append(event)
 
-    def _record(self, event: _Event, tid: str, result: dict[str, Any]) -> EventOutcome | None:
+    def _record(self, event: _Event, tid: str, result: TaskResult) -> EventOutcome | None:
         """Store one order's result; returns an outcome that ends the whole round, if any."""
-        if result.get("status") in FINAL_STATUSES:
+        if is_final(result):
             event.results[tid] = result
             if len(event.results) == len(event.orders):
                 event.outcome = outcome_for_event([event.results[t] for t in event.orders])
@@ -285,11 +284,11 @@ class CeleryDispatcher:
             self._redis.delete(f"ehrw:sent:{tid}")
             raise
 
-    def _ready(self, tids: list[str]) -> dict[str, dict[str, Any]]:
+    def _ready(self, tids: list[str]) -> dict[str, TaskResult]:
         if not tids:
             return {}
         raws = self._redis.mget([self._backend.get_key_for_task(t) for t in tids])
-        ready: dict[str, dict[str, Any]] = {}
+        ready: dict[str, TaskResult] = {}
         for tid, raw in zip(tids, raws):
             if raw is None:
                 continue
@@ -301,7 +300,7 @@ class CeleryDispatcher:
                 exc = meta.get("result") if isinstance(meta.get("result"), dict) else {}
                 exc_type = str(exc.get("exc_type") or state)
                 code = "task_timeout" if "TimeLimit" in exc_type else "task_error"
-                ready[tid] = {"status": STATUS_FAILED, "reason_code": code, "error_type": exc_type}
+                ready[tid] = {"order": None, "status": STATUS_FAILED, "reason_code": code, "error_type": exc_type}
         return ready
 
     def _resend_lost(self, outstanding: dict[str, _Event]) -> None:

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from schemas.tasks import TASKS
 from workers import metrics
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def fhir_check(base_url: str) -> Check:
 
 
 def models_check(
-    registry: Path, tasks: Iterable[str] = ("protocol", "diagnosis"), *, loaded: bool = True
+    registry: Path, tasks: Iterable[str] = TASKS, *, loaded: bool = True
 ) -> Check:
     """Every task has a CURRENT version whose manifest parses, and (``loaded``) a live process of
     this worker has a model of the task loaded (checksums are verified when loading)."""

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from schemas.tasks import TASKS
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -156,7 +158,7 @@ def record_order_outcome(outcome: Any) -> None:
         return
     status = str(outcome.get("status") or "unknown")
     orders_processed.labels(status).inc()
-    for key in ("protocol", "diagnosis"):
+    for key in TASKS:
         out = outcome.get(key)
         if not isinstance(out, dict):
             continue

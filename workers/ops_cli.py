@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from workers.cli_options import RegistryOpt, fail, open_registry, registry_errors
+
 dlq_app = typer.Typer(
     help="Inspect the dead-letter topic and replay events once their cause is fixed.", no_args_is_help=True
 )
@@ -26,11 +28,6 @@ SinceOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def _letters(reason: list[str] | None, since: str | None, topic: str | None = None):
     from connectors.dlq_replay import parse_since, read_dead_letters
     from workers.settings import get_settings
@@ -39,7 +36,7 @@ def _letters(reason: list[str] | None, since: str | None, topic: str | None = No
     try:
         since_at = parse_since(since) if since else None
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from workers.clients import kafka_client_config
 
     return s, read_dead_letters(
@@ -87,11 +84,11 @@ def dlq_show(
     try:
         partition, offset = (int(x) for x in at.split("@", 1))
     except ValueError:
-        _fail(f"{at!r} is not PARTITION@OFFSET (e.g. 0@12, as `ehr-worker dlq list` prints)")
+        fail(f"{at!r} is not PARTITION@OFFSET (e.g. 0@12, as `ehr-worker dlq list` prints)")
     _, letters = _letters(None, None)
     match = [d for d in letters if d.partition == partition and d.offset == offset]
     if not match:
-        _fail(f"no dead-lettered event at {at}", code=1)
+        fail(f"no dead-lettered event at {at}", code=1)
     letter = match[0]
     if body:
         sys.stdout.buffer.write((letter.value or b"") + b"\n")
@@ -130,7 +127,7 @@ def dlq_replay(
         report = replay_dead_letters(letters, bootstrap=s.kafka_bootstrap, topic=target,
                                      client_config=kafka_client_config(s))
     except RuntimeError as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     typer.echo(json.dumps(report.as_dict()))
     typer.echo(f"replayed {report.sent} events from {s.kafka_dlq_topic} to {target}", err=True)
 
@@ -140,23 +137,16 @@ def models_promote(
     task: Annotated[
         str | None, typer.Option("--task", help="protocol or diagnosis (default: whichever has VERSION).")
     ] = None,
-    registry: Annotated[
-        str | None, typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")
-    ] = None,
+    registry: RegistryOpt = None,
 ) -> None:
     """Make VERSION current after verifying it; running workers switch to it between tasks."""
-    from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
-    from workers.settings import get_settings
-
-    reg = ModelRegistry(registry or get_settings().model_registry)
+    reg = open_registry(registry)
     tasks = [task] if task else [t for t in reg.tasks() if version in reg.versions(t)]
     if not tasks:
-        _fail(f"no task in {reg.root} has a version {version!r}; see `ehr-worker models list`", code=1)
+        fail(f"no task in {reg.root} has a version {version!r}; see `ehr-worker models list`", code=1)
     for name in tasks:
-        try:
+        with registry_errors():
             previous = reg.promote(name, version)
-        except (ModelIntegrityError, ModelNotFoundError, ValueError) as exc:
-            _fail(str(exc), code=1)
         typer.echo(f"{name}: {previous or '-'} -> {version}")
 
 
@@ -164,22 +154,15 @@ def models_rollback(
     task: Annotated[
         str | None, typer.Option("--task", help="protocol or diagnosis (default: the one last promoted).")
     ] = None,
-    registry: Annotated[
-        str | None, typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")
-    ] = None,
+    registry: RegistryOpt = None,
 ) -> None:
     """Make the version current before the last promote current again; workers switch between tasks."""
-    from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
-    from workers.settings import get_settings
-
-    reg = ModelRegistry(registry or get_settings().model_registry)
+    reg = open_registry(registry)
     if task is None:
         changed = [(h[-1]["time"], t) for t in reg.tasks() if (h := reg.history(t))]
         if not changed:
-            _fail("no promote recorded in the registry; name the task with --task", code=1)
+            fail("no promote recorded in the registry; name the task with --task", code=1)
         task = max(changed)[1]
-    try:
+    with registry_errors():
         previous, current = reg.rollback(task)
-    except (ModelIntegrityError, ModelNotFoundError, ValueError) as exc:
-        _fail(str(exc), code=1)
     typer.echo(f"{task}: {previous} -> {current}")

@@ -1,7 +1,7 @@
 """One order in, one write-back out: the work of a task, free of Celery so it can be tested and
 benchmarked directly.
 
-The outcome dict is the result event published to the suggestions topic. Transient FHIR errors
+The outcome (:class:`schemas.outcomes.OrderOutcome`) is the result event published to the suggestions topic. Transient FHIR errors
 propagate (the Celery task retries them); permanent ones become a ``rejected`` outcome that the
 consumer sends to the dead-letter topic with the server's OperationOutcome.
 """
@@ -9,7 +9,6 @@ consumer sends to the dead-letter topic with the server's OperationOutcome.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,7 +17,8 @@ from typing import Any, Protocol
 from connectors.fhir import FhirClient, FhirPermanentError, entry_status
 from schemas.events import EventRejected, OrderItem, skip_reason, validate_fetched_order
 from schemas.labels import ModelOutput
-from schemas.outcomes import outcome_codes
+from schemas.outcomes import OrderOutcome, outcome_codes
+from schemas.references import order_id_reference, parse_reference, parse_relative_reference
 from schemas.text import build_model_input, clinical_text, context_references, is_imaging_order
 from schemas.writeback import WritebackSchemaError, build_writeback_bundle
 from workers import metrics, tracing  # Operations (issue 9)
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 # Only resource types whose content build_model_input knows how to use are worth a round trip.
 _CONTEXT_TYPES = {"Condition", "Observation", "DocumentReference", "AllergyIntolerance", "Binary"}
-_RELATIVE_REF = re.compile(r"^([A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$")
-_LOCATION = re.compile(r"(?:^|/)([A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 
 
 class Classifier(Protocol):
@@ -53,15 +51,11 @@ def worth_writing(protocol: ModelOutput | None, diagnosis: ModelOutput | None) -
     return protocol is not None or (diagnosis is not None and not diagnosis.abstained)
 
 
-def order_reference(sr: dict) -> str:
-    return f"ServiceRequest/{sr.get('id')}"
-
-
 def _fetch_context(fhir: FhirClient, sr: dict) -> list[dict]:
     context: list[dict] = []
     for ref in context_references(sr):
-        match = _RELATIVE_REF.match(ref)
-        if not match or match.group(1) not in _CONTEXT_TYPES:
+        parsed = parse_relative_reference(ref)
+        if parsed is None or parsed.resource_type not in _CONTEXT_TYPES:
             continue
         try:
             context.append(fhir.read(ref))
@@ -76,9 +70,9 @@ def _written_resources(response: dict) -> tuple[dict[str, list[str]], int, int]:
     created = existing = 0
     for entry in response.get("entry", []):
         resp = entry.get("response", {})
-        match = _LOCATION.search(resp.get("location", "") or "")
-        if match:
-            written.setdefault(match.group(1), []).append(f"{match.group(1)}/{match.group(2)}")
+        location = parse_reference(resp.get("location", "") or "")
+        if location is not None:
+            written.setdefault(location.resource_type, []).append(location.relative_unversioned)
         status = entry_status(entry)
         if status == 201:
             created += 1
@@ -106,7 +100,7 @@ def suggest_for_order(
     top_k: int = 5,
     recorded: datetime | None = None,
     fallback: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> OrderOutcome:
     """Run the applicable models on one order and write the suggestions back in one transaction.
 
     ``fallback``: the event's own copy of a referenced order (see :mod:`workers.payload`), used
@@ -133,12 +127,12 @@ def suggest_for_order(
             return {"order": item.reference, "status": "rejected", "reason_code": exc.code, "reason": exc.message}
         reason = skip_reason(sr)
         if reason:
-            skipped: dict[str, Any] = {"order": order_reference(sr), "status": "skipped", "reason_code": reason}
+            skipped: OrderOutcome = {"order": order_id_reference(sr["id"]), "status": "skipped", "reason_code": reason}
             if reason in VOID_ORDER_REASONS:  # a void order withdraws its untouched suggestions
                 skipped["cancelled"] = cancel_open_tasks(fhir, sr["id"], reason)
             return skipped
 
-    order = order_reference(sr)
+    order = order_id_reference(sr["id"])
     context = _fetch_context(fhir, sr) if enrich_context else []
     text = build_model_input(sr, context)
 
@@ -147,36 +141,37 @@ def suggest_for_order(
     # a model may read the order its own way (the phenotype ranker reads the full clinical text)
     dx_text = getattr(models.diagnosis, "input_text", lambda s, c: text)(sr, context)
     diagnosis = models.diagnosis.predict([dx_text], top_k=top_k)[0] if run_diagnosis else None
-    outcome: dict[str, Any] = {
+    outcome: OrderOutcome = {
         "order": order,
+        "status": "no_suggestion",
         "imaging": protocol is not None,
         "protocol": protocol.to_json() if protocol else None,
         "diagnosis": diagnosis.to_json() if diagnosis else None,
     }
     if not worth_writing(protocol, diagnosis):
         # Nothing to write: not an imaging order and no confident diagnosis. Recorded, not an error.
-        outcome.update(status="no_suggestion", resources={})
+        outcome["resources"] = {}
         return outcome
 
     try:
         bundle = build_writeback_bundle(sr, protocol, diagnosis, recorded=recorded or datetime.now(timezone.utc))
     except WritebackSchemaError as exc:
         log.error("order %s: %s", order, exc)  # loud: every order of this model would fail alike
-        outcome.update(status="rejected", reason_code="invalid_writeback", reason=str(exc)[:500])
+        outcome.update({"status": "rejected", "reason_code": "invalid_writeback", "reason": str(exc)[:500]})
         return outcome
     try:
         with metrics.timed(metrics.writeback_seconds), tracing.span("ehrw.fhir.transaction"):  # Operations (issue 9)
             response = write_with_supersede(fhir, bundle, sr)  # cancels older versions' open Tasks
     except FhirPermanentError as exc:
-        outcome.update(
-            status="rejected",
-            reason_code="fhir_rejected_writeback",
-            reason=f"The FHIR server refused the write-back transaction with {exc.status}.",
-            operation_outcome=outcome_codes(exc.operation_outcome),
-        )
+        outcome.update({
+            "status": "rejected",
+            "reason_code": "fhir_rejected_writeback",
+            "reason": f"The FHIR server refused the write-back transaction with {exc.status}.",
+            "operation_outcome": outcome_codes(exc.operation_outcome),
+        })
         return outcome
     written, created, existing = _written_resources(response)
-    outcome.update(status="written", resources=written, created=created, existing=existing)
+    outcome.update({"status": "written", "resources": written, "created": created, "existing": existing})
     if response["superseded"]:
         outcome["superseded"] = response["superseded"]
     log.info("order %s written: %d created, %d already present", order, created, existing)

@@ -21,13 +21,13 @@ from typing import Any
 from models.diagnosis import load_diagnosis_model
 from models.registry import ModelIntegrityError, ModelNotFoundError, ModelRegistry
 from models.runtime import TextClassifier
+from schemas.tasks import TASKS
 from workers import logs, metrics, tracing
 from workers.pipeline import ModelSet
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-TASKS = ("protocol", "diagnosis")
 Loader = Callable[[Path], Any]
 
 

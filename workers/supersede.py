@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from connectors.fhir import FhirClient, FhirPermanentError
-from schemas.references import parse_reference
+from schemas.outcomes import OrderOutcome
+from schemas.references import order_id_reference, parse_reference
 from schemas.writeback import IDENTIFIER_SYSTEM, check_writeback_bundle
 
 log = logging.getLogger(__name__)
@@ -145,14 +146,14 @@ def cancel_open_tasks(fhir: FhirClient, order_id: str, reason_code: str) -> list
     return []
 
 
-def cancel_void_order(fhir: FhirClient, reference: str, reason_code: str) -> dict[str, Any]:
+def cancel_void_order(fhir: FhirClient, reference: str, reason_code: str) -> OrderOutcome:
     """The result of an inline void order (``ServiceRequest/{id}``, a code of
     :data:`VOID_ORDER_REASONS`): its open suggestion Tasks cancelled, reported as ``skipped``."""
     parsed = parse_reference(reference)
     if parsed is None or parsed.resource_type != "ServiceRequest" or reason_code not in VOID_ORDER_REASONS:
         raise ValueError("a void-order task needs a ServiceRequest reference and a void reason code")
     cancelled = cancel_open_tasks(fhir, parsed.id, reason_code)
-    return {"order": f"ServiceRequest/{parsed.id}", "status": "skipped", "reason_code": reason_code, "cancelled": cancelled}
+    return {"order": order_id_reference(parsed.id), "status": "skipped", "reason_code": reason_code, "cancelled": cancelled}
 
 
 def _newest_numeric_version(tasks: list[dict[str, Any]]) -> str | None:

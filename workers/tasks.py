@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final, Unpack
 
 from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
@@ -23,6 +23,7 @@ from connectors.fhir import FhirClient, FhirConfigurationError, FhirTransientErr
 from models.diagnosis import load_diagnosis_model
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
+from schemas.outcomes import NotFinalOutcome, NotFinalStatus, RetryDetails, TaskResult
 from workers.app import app
 from workers.clients import build_fhir_client  # rel-b: one builder (SMART, TLS trust, http:// refusal)
 from workers.payload import PayloadError, open_task_payload, payload_cipher
@@ -64,9 +65,10 @@ def _load_per_process(**_: Any) -> None:
 
 
 # Task results that are not final: the consumer decides when (and whether) the order runs again.
-STATUS_UNAVAILABLE = "unavailable"  # a dependency is down: wait, do not spend the event's budget
-STATUS_DEPLOYMENT = "deployment_error"  # credentials/base URL wrong: pause consumption, never dead-letter
-STATUS_FAILED = "failed"  # this order failed (a bug, a timeout): spends the event's budget
+# (schemas.outcomes.NotFinalStatus).
+STATUS_UNAVAILABLE: Final = "unavailable"  # a dependency is down: wait, do not spend the event's budget
+STATUS_DEPLOYMENT: Final = "deployment_error"  # credentials/base URL wrong: pause consumption, never dead-letter
+STATUS_FAILED: Final = "failed"  # this order failed (a bug, a timeout): spends the event's budget
 
 # A task started this many times without finishing (its worker child killed each time, e.g. by
 # the OOM killer on one order) reports failure instead of running again.
@@ -88,12 +90,12 @@ def _count_run(task_id: str | None) -> int:
         return 1
 
 
-def _not_final(order: str | None, status: str, reason_code: str, **extra: Any) -> dict[str, Any]:
+def _not_final(order: str | None, status: NotFinalStatus, reason_code: str, **extra: Unpack[RetryDetails]) -> NotFinalOutcome:
     return {"order": order, "status": status, "reason_code": reason_code, **extra}
 
 
 @app.task(name="ehr_worker.suggest_for_order", bind=True, max_retries=0)
-def suggest(self, payload: dict[str, Any]) -> dict[str, Any]:
+def suggest(self, payload: dict[str, Any]) -> TaskResult:
     """Suggest protocol and diagnoses for one order. ``payload``: see :mod:`workers.payload` (the
     order reference and idempotency key in clear, an inline order only encrypted). Returns the
     outcome (the result event), always: a transient failure, a deployment problem or a bug is

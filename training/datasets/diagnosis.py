@@ -592,7 +592,7 @@ def _te_presentation(c: Case, r: random.Random):
         lead += f", found to have {join_list(b, r)}"
     negs = f"Notably absent: {', '.join(c.negatives)}" if c.negatives else ""
     return [], [_sent(lead, c.onset_phrase and f"Symptoms {c.onset_phrase}", negs, c.family,
-                      c.noise and f"Incidentally, {join_list(c.noise, r)}")]
+                      (f"Incidentally, {join_list(c.noise, r)}" if c.noise else ""))]
 
 
 def _te_hpi_exam(c: Case, r: random.Random):
@@ -601,7 +601,7 @@ def _te_hpi_exam(c: Case, r: random.Random):
     hpi += f"; history of {join_list(c.features[:half], r)}"
     exam = f"Exam: {', '.join(c.features[half:])}" if c.features[half:] else ""
     fam = f"FHx: {c.family}" if c.family else ""
-    return [], [_sent(hpi, exam, _neg_sentence(c, r), fam, c.noise and "Misc: " + ", ".join(c.noise))]
+    return [], [_sent(hpi, exam, _neg_sentence(c, r), fam, ("Misc: " + ", ".join(c.noise)) if c.noise else "")]
 
 
 def _te_summary(c: Case, r: random.Random):

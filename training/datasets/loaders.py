@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import csv
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 from schemas.catalog import (
     DECIPHER_SYSTEM,
@@ -47,11 +47,11 @@ from schemas.catalog import (
 )
 from schemas.jsonlines import JsonLinesError, iter_json_lines
 from schemas.labels import Label
+from schemas.tasks import TASKS, Task
 from schemas.text import service_request_from_text
 
 from .common import Dataset, LabelledOrder, label_key, stratified_split  # noqa: F401  (re-exported)
 
-Task = Literal["protocol", "diagnosis"]
 LABEL_EXTENSION_URL = "https://ehr-worker.dev/fhir/StructureDefinition/training-label"
 DISEASE_SYSTEMS = (OMIM_SYSTEM, ORPHA_SYSTEM, DECIPHER_SYSTEM)
 
@@ -119,7 +119,8 @@ def _label_from_service_request(sr: dict, task: Task) -> tuple[str, dict]:
     """(label, copy of the order without the labelling coding); ValueError when none."""
     sr = copy.deepcopy(sr)
     # 1. extension
-    exts = sr.get("extension") if isinstance(sr.get("extension"), list) else []
+    exts = sr.get("extension")
+    exts = exts if isinstance(exts, list) else []
     for i, ext in enumerate(exts):
         if isinstance(ext, dict) and ext.get("url") == LABEL_EXTENSION_URL:
             codings = []
@@ -144,14 +145,15 @@ def _label_from_service_request(sr: dict, task: Task) -> tuple[str, dict]:
         for concept in concepts:
             if not isinstance(concept, dict):
                 continue
-            codings = concept.get("coding") if isinstance(concept.get("coding"), list) else []
-            for j, c in enumerate(codings):
+            coded = concept.get("coding")
+            coded = coded if isinstance(coded, list) else []
+            for j, c in enumerate(coded):
                 if not isinstance(c, dict):
                     continue
                 lab = _coding_label(c, task)
                 if lab:
-                    del codings[j]
-                    if not codings:
+                    del coded[j]
+                    if not coded:
                         concept.pop("coding", None)
                     if is_list:
                         sr[key] = [x for x in sr[key] if not (isinstance(x, dict) and not x)]
@@ -183,8 +185,9 @@ def _text_item(path: Path, line: int, text, label, task: Task, id_=None, group=N
 def _fhir_items(path: Path, line: int, obj: dict, task: Task, group) -> Iterator[LabelledOrder]:
     rtype = obj.get("resourceType")
     if rtype == "Bundle":
-        entries = obj.get("entry") if isinstance(obj.get("entry"), list) else []
-        srs = [e.get("resource") for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        entries = obj.get("entry")
+        srs = [e["resource"] for e in (entries if isinstance(entries, list) else [])
+               if isinstance(e, dict) and isinstance(e.get("resource"), dict)
                and e["resource"].get("resourceType") == "ServiceRequest"]
         if not srs:
             raise DatasetFormatError(path, line, "Bundle holds no ServiceRequest")
@@ -261,8 +264,8 @@ def _label_space(items: list[LabelledOrder], task: Task, labels: Sequence[Label]
 
 def load_labelled_file(path: str | Path, *, task: Task, labels: Sequence[Label] | None = None) -> Dataset:
     """Read one labelled file (JSONL / CSV / TSV / FHIR NDJSON); see the module docstring."""
-    if task not in ("protocol", "diagnosis"):
-        raise ValueError(f"task must be 'protocol' or 'diagnosis', got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be {' or '.join(map(repr, TASKS))}, got {task!r}")
     p = Path(path)
     if not p.is_file():
         raise DatasetFormatError(p, None, "no such file")

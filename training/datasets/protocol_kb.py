@@ -15,7 +15,7 @@ catalog). A factor that neither flips nor is blocked may appear as a distractor.
 
 Each phrase list is split between the train and the test pools by position (see
 ``split_pool``): the held-out test split reads phrasings that training never shows.
-Placeholders in braces are filled with random values (``protocol.FILLERS``).
+Placeholders in braces are filled with random values (``protocol_fillers.FILLERS``).
 """
 
 from __future__ import annotations
