@@ -306,8 +306,9 @@ class CeleryDispatcher:
             # argsrepr/kwargsrepr name ids only (Celery logs arguments at INFO).
             payloads = [
                 {**(item.apply_async_options() if isinstance(item, VoidOrder)
-                    else apply_async_options(item, self.cipher))["args"][0], "task_id": tid}
-                for tid, _, item in pending
+                    else apply_async_options(item, self.cipher))["args"][0], "task_id": tid,
+                 "event": f"{inc.topic}[{inc.partition}]@{inc.offset}"}
+                for tid, inc, item in pending
             ]  # fmt: skip
             _, inc, first = pending[0]
             # Operations (issue 9): event/trace headers of the batch's first order.
@@ -424,7 +425,9 @@ def build_dispatcher(settings: Settings) -> CeleryDispatcher:
         marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 60),
         queue=settings.celery_queue,
         cipher=payload_cipher(settings.payload_key),
-        write_batch_orders=settings.write_batch_orders,
+        # With traces on, one order per task: each order's trace runs whole from its event to its
+        # own FHIR transaction (a shared transaction would belong to one trace only).
+        write_batch_orders=1 if settings.otel_enabled else settings.write_batch_orders,
     )
 
 

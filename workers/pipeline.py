@@ -19,7 +19,8 @@ that the consumer sends to the dead-letter topic with the server's OperationOutc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from schemas.references import order_id_reference, parse_reference, parse_relati
 from schemas.text import build_model_input, clinical_text, context_references, is_imaging_order
 from schemas.writeback import WritebackSchemaError, build_writeback_bundle
 from schemas.writeback_batch import combine_transactions, split_response
-from workers import metrics, tracing  # Operations (issue 9)
+from workers import logs, metrics, tracing  # Operations (issue 9)
 from workers.supersede import VOID_ORDER_REASONS, cancel_open_tasks, prepare_supersede, write_with_supersede
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class _Order:
     protocol: ModelOutput | None = None
     diagnosis: ModelOutput | None = None
     bundle: dict[str, Any] | None = None
+    log_fields: Mapping[str, Any] = field(default_factory=dict)  # ids for its log lines (task id, event)
 
 
 def _resolve(item: OrderItem, fhir: FhirClient, fallback: dict[str, Any] | None) -> _Order:
@@ -193,7 +195,8 @@ def _prepare(o: _Order, recorded: datetime) -> None:
     try:
         o.bundle = build_writeback_bundle(o.sr, o.protocol, o.diagnosis, recorded=recorded)
     except WritebackSchemaError as exc:
-        log.error("order %s: %s", order, exc)  # loud: every order of this model would fail alike
+        with logs.bind(**o.log_fields):  # loud: every order of this model would fail alike
+            log.error("order %s: %s", order, exc)
         o.outcome = {**outcome, "status": "rejected", "reason_code": "invalid_writeback", "reason": str(exc)[:500]}
         return
     o.partial = outcome  # completed by the write
@@ -205,7 +208,8 @@ def _written(o: _Order, response: dict[str, Any], superseded: list[str]) -> None
     o.outcome = {**o.partial, "status": "written", "resources": written, "created": created, "existing": existing}
     if superseded:
         o.outcome["superseded"] = superseded
-    log.info("order %s written: %d created, %d already present", o.outcome["order"], created, existing)
+    with logs.bind(**o.log_fields):
+        log.info("order %s written: %d created, %d already present", o.outcome["order"], created, existing)
 
 
 def _write_alone(fhir: FhirClient, o: _Order) -> None:
@@ -252,12 +256,15 @@ def suggest_for_orders(
     enrich_context: bool = True,
     top_k: int = 5,
     recorded: datetime | None = None,
+    log_fields: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[OrderOutcome]:
     """Suggestions for a micro-batch of orders, written back in one transaction (see the module
     docstring); one outcome per item, in order. ``items``: ``(order, fallback)``, the fallback being
     the event's own copy of a referenced order (see :mod:`workers.payload`), used when the server
-    does not hold that version (404/410)."""
+    does not hold that version (404/410). ``log_fields``: per item, ids its log lines carry."""
     orders = [_resolve(item, fhir, fallback) for item, fallback in items]
+    for o, fields in zip(orders, log_fields or ()):
+        o.log_fields = fields
     work = [o for o in orders if o.outcome is None]
     for o in work:
         o.context = _fetch_context(fhir, o.sr) if enrich_context else []
@@ -268,8 +275,12 @@ def suggest_for_orders(
         _prepare(o, when)
     pending = [o for o in work if o.outcome is None]
     if pending:
-        with metrics.timed(metrics.writeback_seconds), tracing.span("ehrw.fhir.transaction"):  # Operations (issue 9)
+        started = time.perf_counter()
+        with tracing.span("ehrw.fhir.transaction"):  # Operations (issue 9)
             _write_batch(fhir, pending)
+        share = (time.perf_counter() - started) / len(pending)  # the write-back time per order
+        for _ in pending:
+            metrics.writeback_seconds.observe(share)
     outcomes = [o.outcome for o in orders]
     assert all(out is not None for out in outcomes)
     return outcomes  # type: ignore[return-value]

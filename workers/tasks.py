@@ -31,7 +31,7 @@ from models.diagnosis import load_diagnosis_model
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
 from schemas.outcomes import NotFinalOutcome, NotFinalStatus, RetryDetails, TaskResult
-from workers import metrics
+from workers import logs, metrics
 from workers.app import app
 from workers.clients import build_fhir_client  # rel-b: one builder (SMART, TLS trust, http:// refusal)
 from workers.payload import PayloadError, open_task_payload, payload_cipher
@@ -133,7 +133,13 @@ def _failure(order: str | None, exc: BaseException) -> NotFinalOutcome | None:
 
 
 def _run_one(payload: dict[str, Any]) -> TaskResult:
-    """One order's outcome, or the non-final result of what went wrong."""
+    """One order's outcome, or the non-final result of what went wrong (its log lines carry its
+    task id and event when it runs inside a batch)."""
+    with logs.bind(task_id=payload.get("task_id"), order=payload.get("reference"), event=payload.get("event")):
+        return _run_one_order(payload)
+
+
+def _run_one_order(payload: dict[str, Any]) -> TaskResult:
     order = payload.get("reference") if isinstance(payload, dict) else None
     settings = get_settings()
     try:
@@ -180,6 +186,8 @@ def _run_batch(payloads: list[dict[str, Any]]) -> list[TaskResult]:
                 process_models(),
                 enrich_context=settings.fhir_enrich_context,
                 top_k=settings.top_k,
+                log_fields=[{"task_id": payloads[i].get("task_id"), "order": payloads[i].get("reference"),
+                             "event": payloads[i].get("event")} for i, _, _ in batch],
             )
             for (i, _, _), outcome in zip(batch, outcomes):
                 results[i] = outcome

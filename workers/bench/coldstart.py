@@ -23,7 +23,8 @@ def measure_cold_start(stack: LocalStack, order: dict, *, concurrency: int, time
     item = parse_event(json.dumps(order).encode()).items[0]
     cipher = payload_cipher(stack.settings.payload_key)
     task_id = f"bench-coldstart-{order['id']}"
-    async_result = suggest.apply_async(task_id=task_id, **apply_async_options(item, cipher))
+    queue = stack.settings.celery_queue
+    async_result = suggest.apply_async(task_id=task_id, queue=queue, **apply_async_options(item, cipher))
     box: dict = {}
 
     def wait() -> None:  # the result may come before the worker's first ping answer
@@ -33,7 +34,8 @@ def measure_cold_start(stack: LocalStack, order: dict, *, concurrency: int, time
     waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
     t0 = time.perf_counter()
-    worker = stack.start_worker(concurrency=concurrency, name="bench-cold")
+    worker = stack.start_worker(concurrency=concurrency, name="bench-cold", EHRW_WORKER_HTTP_PORT="0",
+                                EHRW_CELERY_QUEUE=queue)
     ready = time.perf_counter() - t0
     try:
         waiter.join(timeout_s)

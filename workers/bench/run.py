@@ -107,8 +107,9 @@ def run_bench(
     baseline_n = baseline_orders or min(orders)
     base = fixture_orders() if source == "fixtures" else generated_orders(max(baseline_n, latency_orders))
     redis_url = bench_redis_url(redis_db)
+    # its own Celery queue too: no other worker on the same Redis (another checkout's) takes its tasks
     settings = Settings(kafka_topic=f"bench-{tag}", kafka_group=f"bench-{tag}", redis_url=redis_url,
-                        model_registry=root, model_threads=1)
+                        model_registry=root, model_threads=1, celery_queue=f"bench-{tag}")
     write_batch = settings.write_batch_orders
     batch_sizes = sorted(set(fhir_batch_sizes or (1, write_batch)))
     profile_dir = Path(profile_dir or f"bench-profile-{tag}")
@@ -157,13 +158,14 @@ def run_bench(
                           batch_sizes=batch_sizes, progress=progress)
 
         # -- 4. end to end, per worker concurrency and N --
-        stack.purge()  # leftovers of an interrupted bench
+        # (its queue is new: no leftovers of an interrupted bench to purge)
         runs: list[dict] = []
         profiled: dict[str, Any] = {}
         largest = (max(orders), max(concurrency))
         for conc in concurrency:
             console.print(f"starting celery -A workers worker (prefork, concurrency {conc})…")
-            worker = stack.start_worker(concurrency=conc, name="bench", EHRW_WORKER_HTTP_PORT="0")
+            worker = stack.start_worker(concurrency=conc, name="bench", EHRW_WORKER_HTTP_PORT="0",
+                                        EHRW_CELERY_QUEUE=s.celery_queue)
             others = sorted(name for reply in stack.app.control.ping(timeout=1.0) for name in reply
                             if not name.startswith(f"bench-{os.getpid()}-"))  # fmt: skip
             figures["config"]["other_workers_on_broker"] = others
