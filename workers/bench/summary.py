@@ -75,14 +75,24 @@ def pipeline_cpu(before: dict[str, dict], after: dict[str, dict], prof: dict[str
         if start is None or start.get("cpu_s") is None or end.get("cpu_s") is None:
             continue
         per_process[name] = round((end["cpu_s"] - start["cpu_s"]) / orders * 1000.0, 3)
-    ours = sum(v for k, v in per_process.items() if k.startswith(("consumer", "worker")))
-    models = sum((prof.get("worker_ms_per_order") or {}).get(stage, 0.0) for stage in MODEL_STAGES)
+    consumer = sum(v for k, v in per_process.items() if k.startswith("consumer"))
+    worker = sum(v for k, v in per_process.items() if k.startswith("worker"))
+    ours = consumer + worker
+    # The share of the worker's CPU the models take: their samples over the samples of the stages
+    # that compute (waits on the FHIR server and Redis left out), so a loaded machine's run-queue
+    # waits, which py-spy sees as activity, scale both alike.
+    stages = prof.get("worker_ms_per_order") or {}
+    waiting = ("FHIR write", "context fetch", "order read (id-only events)", "task result store (Redis)")
+    computing = sum(v for k, v in stages.items() if k not in waiting)
+    share = sum(stages.get(stage, 0.0) for stage in MODEL_STAGES) / computing if computing else 0.0
+    models = worker * share
     return {
         "cpu_ms_per_order_by_process": per_process,
         "consumer_and_worker_cpu_ms_per_order": round(ours, 3),
         "model_stages_ms_per_order": round(models, 3),
         "pipeline_own_cpu_ms_per_order": round(max(0.0, ours - models), 3),
-        "note": "pipeline own = consumer + worker CPU (from /proc) - the profile's model stages (CPU-bound, so "
-        "their sampled time is CPU time); the FHIR server, Kafka and Redis are separate processes (Redis may "
-        "be shared with other users of the machine)",
+        "model_share_of_worker_cpu": round(share, 3),
+        "note": "pipeline own = consumer + worker CPU (from /proc) - worker CPU x the models' share of the "
+        "worker's computing samples (profile, waits on FHIR/Redis left out); the FHIR server, Kafka and Redis "
+        "are separate processes (Redis may be shared with other users of the machine)",
     }
