@@ -8,12 +8,18 @@ intended dispatch as ``discriminator: {propertyName: resourceType, mapping}``, w
 ignores; we load the schema once, replace those two ``oneOf``s with a ``fhirResourceType``
 keyword that follows the discriminator, and otherwise validate with stock Draft 6 semantics.
 Same verdicts, about 100x faster, and errors point at the failing field.
+
+When ``jsonschema-rs`` (a Rust validator) is installed, a resource is first checked by it against
+the same schema with the dispatch written as Draft 7 ``if``/``then`` per resource type (about 0.6 ms
+for a 14-resource write-back Bundle instead of about 60 ms, issue 13); only a resource it finds
+invalid goes through the Python validator, which says why (and has the last word).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
@@ -30,6 +36,13 @@ def r4_schema_errors(resource: Any) -> list[str]:
     Each string is ``"<JSON path>: <failed keyword> (<detail from the schema>)"``; it never
     quotes a value from the resource (only field names), so it can be logged.
     """
+    fast = _fast_validator()
+    if fast is not None:
+        try:
+            if fast.is_valid(resource):
+                return []
+        except Exception:  # noqa: BLE001 - what it cannot read, the Python validator judges
+            pass
     validator = _validator()
     errors = sorted(validator.iter_errors(resource), key=lambda e: (_path(e), str(e.validator)))
     return [_describe(error) for error in errors]
@@ -78,6 +91,49 @@ def _validator() -> Any:
 
     FhirValidator = validators.extend(Draft6Validator, {_DISPATCH_KEYWORD: fhir_resource_type})
     return FhirValidator(_schema())
+
+
+# The resource types the fast path knows: what the worker writes back and the orders it reads.
+# Any other type (anywhere, e.g. a contained resource) makes the fast path answer "invalid", and
+# the Python validator decides: sound, and the compiled schema stays small (about 80 of 680
+# definitions; the whole schema would cost about 47 MB per worker process).
+FAST_TYPES = ("Bundle", "Device", "Observation", "Provenance", "RiskAssessment", "ServiceRequest", "Task")
+
+
+@lru_cache(maxsize=1)
+def _fast_validator() -> Any | None:
+    """The schema for ``jsonschema_rs`` (Draft 7: ``if``/``then`` on ``resourceType`` per type of
+    :data:`FAST_TYPES`, formats not asserted, as the Python validator), or ``None`` without it."""
+    try:
+        import jsonschema_rs
+    except ImportError:
+        return None
+    schema = _schema()
+    mapping: dict[str, str] = schema[_DISPATCH_KEYWORD]
+    known = {t: mapping[t] for t in FAST_TYPES if t in mapping}
+    dispatch = {
+        "type": "object",
+        "required": ["resourceType"],
+        "properties": {"resourceType": {"enum": sorted(known)}},
+        "allOf": [{"if": {"properties": {"resourceType": {"const": t}}}, "then": {"$ref": ref}} for t, ref in known.items()],
+    }
+    definitions = _reachable(schema["definitions"], [ref.rsplit("/", 1)[-1] for ref in known.values()])
+    definitions["ResourceList"] = dispatch
+    draft7 = {"$schema": "http://json-schema.org/draft-07/schema#", "definitions": definitions, **dispatch}
+    return jsonschema_rs.Draft7Validator(draft7, validate_formats=False)
+
+
+def _reachable(definitions: dict[str, Any], roots: list[str]) -> dict[str, Any]:
+    """The definitions ``roots`` reference, transitively (``ResourceList`` left out: it is replaced)."""
+    found: dict[str, Any] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in found or name not in definitions or name == "ResourceList":
+            continue
+        found[name] = definitions[name]
+        todo += re.findall(r'"#/definitions/([A-Za-z0-9_]+)"', json.dumps(definitions[name]))
+    return found
 
 
 def _path(error: Any) -> str:

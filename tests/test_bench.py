@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,25 +24,21 @@ FIGURES = [
     ("inference", "ehr_worker", "one_at_a_time_orders_per_s"),
     ("inference", "ehr_worker", "batched_orders_per_s"),
     ("inference", "baseline", "p50_ms"),
-    ("inference", "baseline", "p95_ms"),
     ("inference", "baseline", "one_at_a_time_orders_per_s"),
     ("inference", "speedup_p50"),
     ("end_to_end", "ehr_worker", "orders_per_s"),
     ("end_to_end", "ehr_worker", "seconds"),
+    ("end_to_end", "ehr_worker", "latency_produce_to_written", "p50_ms"),
+    ("end_to_end", "ehr_worker", "latency_produce_to_written", "p99_ms"),
+    ("end_to_end", "ehr_worker", "latency_produce_to_committed", "p99_ms"),
     ("end_to_end", "baseline", "orders_per_s"),
-    ("end_to_end", "baseline", "seconds"),
     ("end_to_end", "fhir_server", "orders_per_s"),
-    ("end_to_end", "fhir_server", "transactions_per_s"),
-    ("end_to_end", "model", "orders_per_s"),
-    ("end_to_end", "limit", "orders_per_s"),
-    ("end_to_end", "limit", "shared_cpu_orders_per_s"),
-    ("end_to_end", "pct_of_limit"),
+    ("end_to_end", "fhir_server_single_order", "orders_per_s"),
+    ("end_to_end", "pct_of_fhir_best"),
     ("end_to_end", "speedup_vs_baseline"),
+    ("cold_start", "seconds_to_first_order"),
+    ("profile", "pipeline_cpu", "consumer_and_worker_cpu_ms_per_order"),
     ("size", "int8_mb"),
-    ("size", "fp32_mb"),
-    ("size", "int8_over_fp32"),
-    ("memory", "child_rss_mb_max"),
-    ("memory", "parent_rss_mb"),
     ("memory", "baseline_process_rss_mb", "end"),
 ]
 
@@ -54,31 +51,48 @@ def _get(doc: dict, path: tuple[str, ...]):
 
 def test_bench_reports_every_figure(tiny_registry, tmp_path):
     # A subprocess, as a user runs it: the bench points its own Celery app at Redis database 14,
-    # which must not leak into this test session's app (database 15).
-    out = tmp_path / "bench.json"
+    # which must not leak into this test session's app.
+    out, prof = tmp_path / "bench.json", tmp_path / "profile"
     proc = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "bench", "--orders", "20", "--latency-orders", "20",
-         "--registry", str(tiny_registry), "--json", str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
+        [sys.executable, "-m", "workers.cli", "bench", "--quick", "--registry", str(tiny_registry),
+         "--json", str(out), "--profile-dir", str(prof)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = json.loads(out.read_text())
     for path in FIGURES:
         value = _get(written, path)
         assert isinstance(value, (int, float)) and value > 0, (path, value)
-    assert len(written["memory"]["children_rss_mb"]) == 2  # concurrency 2: two pool processes
 
-    pipeline = written["end_to_end"]["ehr_worker"]
-    assert pipeline["orders"] == 20 and pipeline["consumer"]["committed"] == 20
-    assert pipeline["event_outcomes"] == {"done": 20}
-    assert set(pipeline["order_outcomes"]) <= {"written", "no_suggestion"}
-    assert len(pipeline["models_used"]) == 2  # protocol and diagnosis, as the worker reported them
-    assert written["end_to_end"]["baseline"]["orders"] == 20
-    assert written["end_to_end"]["limit"]["bound_by"] in ("model", "fhir_server")
+    (run,) = written["runs"]  # --quick: N = 20 at concurrency 2
+    assert (run["orders"], run["worker_concurrency"]) == (20, 2) and run["consumer"]["committed"] == 22
+    assert run["event_outcomes"] == {"done": 22}  # the 2 warm-up orders included
+    assert set(run["order_outcomes"]) <= {"written", "no_suggestion"}
+    assert len(run["models_used"]) == 2  # protocol and diagnosis, as the worker reported them
+    assert run["latency_produce_to_written"]["n"] == 20
+    assert written["cold_start"]["first_order_status"] in ("written", "no_suggestion")
+
+    # memory of every process at the start and the end of the largest run
+    mem = written["memory_largest_run"]
+    for moment in ("start", "end"):
+        names = set(mem[moment])
+        assert {"consumer (bench process)", "worker parent", "broker (Tansu)", "FHIR (sekmet)"} <= names
+        assert sum(n.startswith("worker child") for n in names) == 2
+        assert all(p["rss_mb"] > 0 for p in mem[moment].values())
+
+    fhir = written["fhir_server"]["runs"]
+    assert {r["orders_per_transaction"] for r in fhir} == {1, written["config"]["write_batch_orders"]}
+
+    # the per-stage profile, with its evidence on disk
+    profile = written["profile"]
+    assert profile["worker_samples"] > 0 and profile["consumer_samples"] > 0, profile
+    assert "FHIR write" in profile["worker_ms_per_order"] and "protocol model" in profile["worker_ms_per_order"]
+    assert all(Path(p).is_file() for p in profile["evidence"])
     assert isinstance(written["config"]["other_workers_on_broker"], list)  # warned about, not a failure
 
     rows = written["rows"]
-    assert len(rows) == 11 and all({"metric", "ehr_worker", "baseline", "ratio", "target", "met"} <= set(r) for r in rows)
+    assert len(rows) == 14 and all({"metric", "ehr_worker", "baseline", "ratio", "target", "met"} <= set(r) for r in rows)
     text = proc.stdout
-    for needle in ("ehr-worker bench", "naive baseline", "end-to-end orders/s", "% of limit", "worker process RSS", "(c) model ="):
+    for needle in ("ehr-worker bench", "naive baseline", "end-to-end orders/s", "% of the FHIR server's best",
+                   "per-stage time per order", "memory (RSS, MB) of every process", "cold start"):  # fmt: skip
         assert needle in text, needle

@@ -167,13 +167,21 @@ def demo(
 
 @app.command()
 def bench(
-    orders: Annotated[int, typer.Option("--orders", min=1, help="Orders end to end (pipeline, baseline, FHIR).")] = 200,
+    orders: Annotated[Optional[list[str]], typer.Option("--orders", help="N orders end to end; repeatable or a list (200,2000,20000, the default).")] = None,
+    concurrency: Annotated[Optional[list[str]], typer.Option("--concurrency", help="Worker concurrency; repeatable or a list (1,2, the default).")] = None,
     latency_orders: Annotated[int, typer.Option("--latency-orders", min=1, help="Orders timed one by one.")] = 300,
+    baseline_orders: Annotated[Optional[int], typer.Option("--baseline-orders", min=1, help="Orders through the naive baseline end to end (default: the smallest N).")] = None,
+    fhir_orders: Annotated[int, typer.Option("--fhir-orders", min=1, help="Orders per FHIR-server-alone row.")] = 1000,
+    profile_orders: Annotated[int, typer.Option("--profile-orders", min=0, help="Orders of the profiled run (0: no profile).")] = 2000,
+    quick: Annotated[bool, typer.Option("--quick", help="A short run (tests, a first look): N=20, concurrency 2, 20 orders everywhere.")] = False,
     registry: Annotated[Optional[Path], typer.Option(help="Model registry (default: EHRW_MODEL_REGISTRY).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", metavar="OUT", help="Write every figure as JSON.")] = None,
+    profile_dir: Annotated[Optional[Path], typer.Option("--profile-dir", help="Where the py-spy profiles go (default: bench-profile-<run id>).")] = None,
+    redis_db: Annotated[int, typer.Option("--redis-db", min=0, help="Redis database of the bench's own Celery queue (at EHRW_REDIS_URL's port).")] = 14,
     source: Annotated[str, typer.Option(help="fixtures (bundled demo orders) or generated.")] = "fixtures",
 ) -> None:
-    """Measure ehr-worker against a naive PyTorch baseline (inference, end to end, size, memory); prints figures."""
+    """Measure ehr-worker against a naive PyTorch baseline and the FHIR server alone (inference, end
+    to end per N and worker concurrency, per-stage profile, memory, cold start); prints figures."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from models.registry import ModelIntegrityError, ModelNotFoundError
     from workers.bench import run_bench
@@ -182,15 +190,39 @@ def bench(
     if source not in ("fixtures", "generated"):
         _fail("--source must be fixtures or generated")
     try:
+        ns = _int_list(orders, "--orders") or ([20] if quick else [200, 2000, 20000])
+        cs = _int_list(concurrency, "--concurrency") or ([2] if quick else [1, 2])
+    except ValueError as exc:
+        _fail(str(exc))
+    small = 20 if quick else None
+    try:
         run_bench(
-            orders=orders,
-            latency_orders=latency_orders,
+            orders=ns,
+            concurrency=cs,
+            latency_orders=small or latency_orders,
+            baseline_orders=small or baseline_orders,
+            fhir_orders=small or fhir_orders,
+            profile_orders=small or profile_orders if profile_orders else 0,
             registry=registry or get_settings().model_registry,
             json_out=json_out,
+            profile_dir=profile_dir,
+            redis_db=redis_db,
             source=source,
         )
     except (ModelIntegrityError, ModelNotFoundError) as exc:
         _fail(str(exc))
+
+
+def _int_list(values: Optional[list[str]], option: str) -> list[int]:
+    """``--orders 200 --orders 2000`` or ``--orders 200,2000``: positive integers."""
+    out: list[int] = []
+    for value in values or []:
+        for part in value.split(","):
+            if part.strip():
+                if not part.strip().isdigit() or int(part) < 1:
+                    raise ValueError(f"{option} takes positive integers (got {part.strip()!r})")
+                out.append(int(part))
+    return out
 
 
 @app.command()

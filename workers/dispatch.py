@@ -7,12 +7,17 @@ One dispatch round, in short:
   in. Repeated order ids inside one event run once.
 - **Same key, in order.** An event waits until every earlier event of the batch that shares its
   Kafka key or one of its order ids is decided; if that one is to be retried, so is this one.
-- **One task per order and event, whatever happens.** The task id is derived from the event's
-  coordinates (group, topic, partition, offset) and the order id, and a marker in Redis
-  (``SET NX``) says it was sent: an event dispatched again (a retry, a restarted consumer, a new
-  owner after a rebalance) finds its tasks running or finished instead of queueing copies. The
-  results stay until the consumer has committed the event (:meth:`CeleryDispatcher.finished`), so
-  a 2,000-order Bundle that outlasts one round keeps its progress.
+- **Micro-batches (issue 13).** Orders ready to run are sent in groups of up to
+  ``write_batch_orders`` per Celery task, which writes them in one FHIR transaction (a refused
+  transaction is retried order by order in the worker). A batch is only ever made of orders that
+  may run now, so the ordering rules below hold batch or not; nothing waits for a batch to fill.
+- **One run per order and event, whatever happens.** Each order has a task id derived from the
+  event's coordinates (group, topic, partition, offset) and the order id, its outcome is stored
+  under it, and a marker in Redis (``SET NX``, naming the batch task) says it was sent: an event
+  dispatched again (a retry, a restarted consumer, a new owner after a rebalance) finds its orders
+  running or finished instead of queueing copies. The results stay until the consumer has committed
+  the event (:meth:`CeleryDispatcher.finished`), so a 2,000-order Bundle that outlasts one round
+  keeps its progress.
 - **The consumer owns retrying.** A task reports ``unavailable`` / ``deployment_error`` /
   ``failed`` instead of retrying itself; such a result is forgotten (so the next attempt runs the
   order again) and becomes a ``retry`` outcome of the matching kind (see
@@ -27,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,9 +45,9 @@ from schemas.outcomes import NotFinalOutcome, OrderOutcome, TaskResult, is_final
 from schemas.references import order_id_reference
 from workers.clients import kafka_client_config
 from workers.observability import task_options  # Operations (issue 9)
-from workers.payload import apply_async_options, payload_cipher
+from workers.payload import apply_async_options, payload_cipher, task_argsrepr
 from workers.settings import Settings, get_settings
-from workers.tasks import STATUS_DEPLOYMENT, STATUS_FAILED, STATUS_UNAVAILABLE, app, suggest
+from workers.tasks import STATUS_DEPLOYMENT, STATUS_FAILED, STATUS_UNAVAILABLE, app, suggest_batch
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +158,7 @@ class CeleryDispatcher:
         tick_s: float = 0.05,
         queue: str | None = None,
         cipher: Any | None = None,
+        write_batch_orders: int = 16,
     ) -> None:
         self.group = group
         # Orders carried inline travel encrypted (workers/payload.py); no key fails here, at start.
@@ -167,6 +174,10 @@ class CeleryDispatcher:
         self._unsure: set[str] = set()  # task ids whose send failed: their marker (if any) is no proof
         self._redis = app.backend.client
         self._backend = app.backend
+        self.write_batch_orders = max(1, write_batch_orders)
+        self._batch_id = self._new_batch_id()  # the batch being filled
+        self._pending: list[tuple[str, Incoming, OrderItem | VoidOrder]] = []
+        self._batch_of: dict[str, str] = {}  # order task id -> the batch task that runs it
 
     # -- the round -------------------------------------------------------------------------------
 
@@ -190,6 +201,7 @@ class CeleryDispatcher:
                     self._send(tid, event.inc, event.orders[tid])
                     self._in_flight.add(tid)
                     mine[tid] = event
+            self._flush()
             self.max_outstanding_seen = max(self.max_outstanding_seen, len(self._in_flight))
             if all(e.outcome is not None for e in events) or time.monotonic() >= deadline:
                 break
@@ -271,58 +283,121 @@ class CeleryDispatcher:
 
     # -- Redis -------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _new_batch_id() -> str:
+        return f"ehrw-b-{uuid.uuid4().hex}"
+
     def _send(self, tid: str, inc: Incoming, item: OrderItem | VoidOrder) -> None:
+        """Add one order to the batch being filled (sent when full, or by :meth:`_flush`)."""
+        key = f"ehrw:sent:{tid}"
         try:
-            fresh = self._redis.set(f"ehrw:sent:{tid}", b"1", nx=True, ex=self.marker_ttl_s)
+            fresh = self._redis.set(key, self._batch_id.encode(), nx=True, ex=self.marker_ttl_s)
+            if not fresh and tid in self._unsure:
+                # A SET that timed out earlier (Redis frozen) may have landed with no task behind it:
+                # that marker proves nothing, so this batch takes it over.
+                self._redis.set(key, self._batch_id.encode(), ex=self.marker_ttl_s)
         except Exception:
-            # A SET that timed out (Redis frozen) may still land later: that marker proves nothing.
             self._unsure.add(tid)
             raise
         if not fresh and tid not in self._unsure:
             return  # sent before (an earlier round, consumer or owner): wait for that one
+        self._batch_of[tid] = self._batch_id
+        self._pending.append((tid, inc, item))
+        if len(self._pending) >= self.write_batch_orders:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the batch being filled as one task."""
+        if not self._pending:
+            return
+        pending, batch_id = self._pending, self._batch_id
+        self._pending, self._batch_id = [], self._new_batch_id()
         try:
-            # The task carries ids in clear and an inline order only encrypted; argsrepr/kwargsrepr
-            # name ids only (Celery logs arguments at INFO). Operations (issue 9): event/trace headers.
-            options = {**task_options(inc.topic, inc.partition, inc.offset, item.order_id),
-                       **(item.apply_async_options() if isinstance(item, VoidOrder)
-                          else apply_async_options(item, self.cipher))}  # fmt: skip
-            suggest.apply_async(task_id=tid, queue=self.queue, **options)
+            # Each order's payload carries ids in clear and an inline order only encrypted;
+            # argsrepr/kwargsrepr name ids only (Celery logs arguments at INFO).
+            payloads = [
+                {**(item.apply_async_options() if isinstance(item, VoidOrder)
+                    else apply_async_options(item, self.cipher))["args"][0], "task_id": tid,
+                 "event": f"{inc.topic}[{inc.partition}]@{inc.offset}"}
+                for tid, inc, item in pending
+            ]  # fmt: skip
+            _, inc, first = pending[0]
+            # Operations (issue 9): event/trace headers of the batch's first order.
+            options = task_options(inc.topic, inc.partition, inc.offset, first.order_id)
+            options["argsrepr"] = "[" + ", ".join(task_argsrepr(p) for p in payloads) + "]"
+            suggest_batch.apply_async(args=[payloads], task_id=batch_id, queue=self.queue, **options)
         except Exception:
-            self._unsure.add(tid)  # the marker may outlive this failure (the delete fails too)
-            self._redis.delete(f"ehrw:sent:{tid}")
+            for tid, _, _ in pending:
+                self._unsure.add(tid)  # the marker may outlive this failure (the delete fails too)
+                self._batch_of.pop(tid, None)
+            self._redis.delete(*[f"ehrw:sent:{tid}" for tid, _, _ in pending])
             raise
-        self._unsure.discard(tid)
+        self._unsure.difference_update(tid for tid, _, _ in pending)
 
     def _ready(self, tids: list[str]) -> dict[str, TaskResult]:
         if not tids:
             return {}
         raws = self._redis.mget([self._backend.get_key_for_task(t) for t in tids])
         ready: dict[str, TaskResult] = {}
+        missing: list[str] = []
         for tid, raw in zip(tids, raws):
             if raw is None:
+                missing.append(tid)
                 continue
             meta = self._backend.decode_result(raw)
             state = meta.get("status")
             if state == "SUCCESS" and isinstance(meta.get("result"), dict):
                 ready[tid] = meta["result"]
-            elif state in ("FAILURE", "REVOKED", "SUCCESS"):
-                exc = meta.get("result") if isinstance(meta.get("result"), dict) else {}
-                exc_type = str(exc.get("exc_type") or state)
-                code = "task_timeout" if "TimeLimit" in exc_type else "task_error"
-                ready[tid] = {"order": None, "status": STATUS_FAILED, "reason_code": code, "error_type": exc_type}
+            elif state in ("FAILURE", "REVOKED", "SUCCESS"):  # a single-order task that failed
+                ready[tid] = self._failed(meta)
+        # An order has no result yet: did its whole batch task end without storing it (a hard time
+        # limit, a bug outside the orders)?
+        batches = sorted({self._batch_of[t] for t in missing if t in self._batch_of})
+        if not batches:
+            return ready
+        ended: dict[str, dict[str, Any]] = {}
+        for batch, raw in zip(batches, self._redis.mget([self._backend.get_key_for_task(b) for b in batches])):
+            meta = self._backend.decode_result(raw) if raw is not None else {}
+            if meta.get("status") in ("FAILURE", "REVOKED", "SUCCESS"):
+                ended[batch] = meta
+        orphans = [t for t in missing if self._batch_of.get(t) in ended]
+        if orphans:
+            # The batch ended since the first read: read its orders again before calling one lost
+            # (SUCCESS without an order's result: the result is gone; the order runs again).
+            again = self._ready_orders(orphans)
+            for tid in orphans:
+                ready[tid] = again.get(tid) or self._failed(ended[self._batch_of[tid]])
         return ready
+
+    def _ready_orders(self, tids: list[str]) -> dict[str, TaskResult]:
+        ready: dict[str, TaskResult] = {}
+        for tid, raw in zip(tids, self._redis.mget([self._backend.get_key_for_task(t) for t in tids])):
+            if raw is not None:
+                meta = self._backend.decode_result(raw)
+                if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
+                    ready[tid] = meta["result"]
+        return ready
+
+    @staticmethod
+    def _failed(meta: dict[str, Any]) -> TaskResult:
+        state = str(meta.get("status"))
+        result = meta.get("result")
+        exc: dict[str, Any] = result if isinstance(result, dict) else {}
+        exc_type = str(exc.get("exc_type") or state)
+        code = "task_timeout" if "TimeLimit" in exc_type else "task_error"
+        return {"order": None, "status": STATUS_FAILED, "reason_code": code, "error_type": exc_type}
 
     def _resend_lost(self, outstanding: dict[str, _Event]) -> None:
         if not outstanding:
             return
         tids = list(outstanding)
-        pipe = self._redis.pipeline()
-        for tid in tids:
-            pipe.exists(f"ehrw:sent:{tid}")
-        for tid, exists in zip(tids, pipe.execute()):
-            if not exists:
+        for tid, marker in zip(tids, self._redis.mget([f"ehrw:sent:{tid}" for tid in tids])):
+            if marker is not None and tid not in self._batch_of:  # sent by an earlier consumer: its batch
+                self._batch_of[tid] = marker.decode() if isinstance(marker, bytes) else str(marker)
+            if marker is None:
                 log.warning("task %s vanished from Redis; sending it again", tid)
                 self._send(tid, outstanding[tid].inc, outstanding[tid].orders[tid])
+        self._flush()
         # Earlier rounds' tasks whose marker expired or vanished no longer hold a place in the window.
         others = [t for t in self._in_flight if t not in outstanding]
         if others:
@@ -337,6 +412,7 @@ class CeleryDispatcher:
         keys: list[Any] = []
         for tid in tids:
             keys += [self._backend.get_key_for_task(tid), f"ehrw:sent:{tid}", f"ehrw:runs:{tid}"]
+            self._batch_of.pop(tid, None)
         if keys:
             self._redis.delete(*keys)
 
@@ -362,6 +438,9 @@ def build_dispatcher(settings: Settings) -> CeleryDispatcher:
         marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 60),
         queue=settings.celery_queue,
         cipher=payload_cipher(settings.payload_key),
+        # With traces on, one order per task: each order's trace runs whole from its event to its
+        # own FHIR transaction (a shared transaction would belong to one trace only).
+        write_batch_orders=1 if settings.otel_enabled else settings.write_batch_orders,
     )
 
 

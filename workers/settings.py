@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     kafka_dlq_topic: str = "fhir.servicerequest.dlq"
     kafka_result_topic: str = "ehr-worker.suggestions"
     # Events in flight at once: the consumer fetches nothing more until these are durable.
-    max_in_flight: int = Field(default=32, ge=1, le=10_000)
+    # 128 (was 32, issue 13): a round of the consumer is a few micro-batches per worker process, so
+    # the pause between rounds (publish, commit, poll) costs less of the FHIR server's time.
+    max_in_flight: int = Field(default=128, ge=1, le=10_000)
     # The consumer keeps polling (paused) while a batch runs, so this no longer bounds a batch;
     # Tansu makes the first group join wait this long, hence the modest default.
     kafka_max_poll_interval_ms: int = Field(default=10_000, ge=1_000)
@@ -112,6 +114,13 @@ class Settings(BaseSettings):
     dlq_max_record_bytes: int = Field(default=1_000_000, ge=64 * 1024)
     # Orders (not events) queued or running at once per consumer: bounds the Redis queue.
     max_in_flight_orders: int = Field(default=64, ge=1, le=10_000)
+    write_batch_orders: int = Field(
+        default=16,
+        ge=1,
+        le=500,
+        description="Orders per Celery task and per FHIR transaction (micro-batch); a refused transaction "
+        "is retried order by order, so one bad order never blocks the others (1: one order per task).",
+    )
     # First wait before an event is tried again; it doubles with each failure.
     retry_backoff_s: float = Field(default=2.0, gt=0)
     # The longest wait between two attempts of an event.

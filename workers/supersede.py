@@ -84,29 +84,38 @@ def cancellation_entries(
     return entries
 
 
-def write_with_supersede(fhir: FhirClient, bundle: dict[str, Any], service_request: dict[str, Any]) -> dict[str, Any]:
-    """POST the write-back ``bundle`` with cancellations of the order's older open Tasks added;
-    returns the transaction response for ``bundle``'s own entries, plus ``"superseded"``: the Task
-    references cancelled. Without ``meta.versionId`` on the order nothing is superseded (versions
-    cannot be ordered)."""
+def prepare_supersede(
+    fhir: FhirClient, bundle: dict[str, Any], service_request: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(full, extra)``: the write-back ``bundle`` with cancellations of the order's older open Tasks
+    added at its end (``extra``), or with its Task born cancelled when a newer order version has one
+    (a late replay). Without ``meta.versionId`` on the order, or without a Task in the Bundle,
+    ``(bundle, [])``: versions cannot be ordered, nothing is superseded."""
     version = (service_request.get("meta") or {}).get("versionId")
     if not isinstance(version, str) or not any(
         (e.get("resource") or {}).get("resourceType") == "Task" for e in bundle.get("entry") or []
     ):
-        return {**fhir.transaction(bundle), "superseded": []}
-    reason = f"Superseded by version {version} of the order"
+        return bundle, []
+    tasks = suggestion_tasks(fhir, service_request["id"])
+    newest = _newest_numeric_version(tasks)
+    if newest is not None and version.isdigit() and int(version) < int(newest):
+        # A late event (a replay of an old version): its Task is born cancelled, newer stays open.
+        full, extra = _born_superseded(bundle, newest), []
+    else:
+        open_tasks = [t for t in tasks if t.get("status") in OPEN_STATUSES]
+        extra = cancellation_entries(open_tasks, reason=f"Superseded by version {version} of the order", newer_than=version)
+        full = {**bundle, "entry": [*bundle["entry"], *extra]} if extra else bundle
+    if full is not bundle:
+        check_writeback_bundle(full)
+    return full, extra
+
+
+def write_with_supersede(fhir: FhirClient, bundle: dict[str, Any], service_request: dict[str, Any]) -> dict[str, Any]:
+    """POST the write-back ``bundle`` as :func:`prepare_supersede` extends it; returns the
+    transaction response for ``bundle``'s own entries, plus ``"superseded"``: the Task references
+    cancelled. A Task that changed meanwhile (412) is read again, a bounded number of times."""
     for attempt in range(1, _MAX_ATTEMPTS + 1):
-        tasks = suggestion_tasks(fhir, service_request["id"])
-        newest = _newest_numeric_version(tasks)
-        if newest is not None and version.isdigit() and int(version) < int(newest):
-            # A late event (a replay of an old version): its Task is born cancelled, newer stays open.
-            full, extra = _born_superseded(bundle, newest), []
-        else:
-            open_tasks = [t for t in tasks if t.get("status") in OPEN_STATUSES]
-            extra = cancellation_entries(open_tasks, reason=reason, newer_than=version)
-            full = {**bundle, "entry": [*bundle["entry"], *extra]} if extra else bundle
-        if full is not bundle:
-            check_writeback_bundle(full)
+        full, extra = prepare_supersede(fhir, bundle, service_request)
         try:
             response = fhir.transaction(full)
         except FhirPermanentError as exc:

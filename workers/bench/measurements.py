@@ -5,11 +5,11 @@
    a time, and batched throughput.
 2. The naive baseline (``training.naive_baseline``) in a process of its own, so that torch never
    enters this one and its memory can be read on its own.
-3. The FHIR server's own transaction throughput: pre-built write-back bundles of fresh orders
-   posted by concurrent clients.
-4. ehr-worker end to end: events on a fresh Kafka topic, the real consumer and dispatcher and a
-   real ``celery worker``, until every offset is committed.
-5. Size (the manifests' ``metrics.size``) and memory (VmRSS of the worker's pool processes).
+3. Size (the manifests' ``metrics.size``).
+
+The FHIR server's own throughput is :mod:`workers.bench.fhir_server`, the pipeline end to end
+:mod:`workers.bench.e2e`, processes (memory, CPU) :mod:`workers.bench.procs`, the per-stage
+profile :mod:`workers.bench.profile` and the cold start :mod:`workers.bench.coldstart`.
 """
 
 from __future__ import annotations
@@ -18,59 +18,20 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from connectors.fhir import FhirClient
-from connectors.kafka import ConsumerStats
-from models.measure import kb_to_mb, latency_summary, percentile, vm_rss_kb
+from models.measure import latency_summary, percentile
 from models.registry import ModelRegistry
 from models.runtime import TextClassifier
 from schemas.tasks import TASKS
 from schemas.text import build_model_input
 from schemas.writeback import build_writeback_bundle
-from workers.dispatch import build_consumer, build_dispatcher
-from workers.local import LocalStack
+from workers.bench.progress import progress_bar
 from workers.pipeline import ModelSet, applicable_models, worth_writing
-
-
-def child_pids(pid: int) -> list[int]:
-    """All descendants of ``pid`` (psutil when installed, else /proc/*/stat parent links)."""
-    try:
-        import psutil
-
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - the process is gone
-        return []
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        cur = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == cur]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _progress(iterable=None, *, enabled: bool, **kwargs):
-    return tqdm(iterable, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr, **kwargs)
 
 
 @dataclass
@@ -104,7 +65,7 @@ def measure_inference(models: TextClassifiers, texts: list[str], *, batch_size: 
         models.diagnosis.predict([t])
     both, prot, diag = [], [], []
     clock = time.perf_counter
-    for t in _progress(texts, enabled=progress, desc="ehr-worker inference, one order at a time"):
+    for t in progress_bar(texts, enabled=progress, desc="ehr-worker inference, one order at a time"):
         t0 = clock()
         models.protocol.predict([t])
         t1 = clock()
@@ -116,7 +77,7 @@ def measure_inference(models: TextClassifiers, texts: list[str], *, batch_size: 
     models.protocol.predict(warm, batch_size=batch_size)
     models.diagnosis.predict(warm, batch_size=batch_size)
     batched_s = []
-    for _ in _progress(range(2), enabled=progress, desc=f"ehr-worker inference, batches of {batch_size}"):
+    for _ in progress_bar(range(2), enabled=progress, desc=f"ehr-worker inference, batches of {batch_size}"):
         t0 = clock()
         models.protocol.predict(texts, batch_size=batch_size)
         models.diagnosis.predict(texts, batch_size=batch_size)
@@ -174,136 +135,6 @@ def build_bundles(models: ModelSet, orders: list[dict]) -> list[dict]:
     now = datetime.now(timezone.utc)
     return [build_writeback_bundle(sr, p_out.get(i), d_out.get(i), recorded=now) for i, sr in enumerate(orders)
             if worth_writing(p_out.get(i), d_out.get(i))]
-
-
-def measure_fhir_transactions(base_url: str, bundles: list[dict], *, orders: int, clients: int = 2, progress: bool = True) -> dict:
-    local = threading.local()
-    made: list[FhirClient] = []
-    lock = threading.Lock()
-    bar = _progress(total=len(bundles), enabled=progress, desc=f"FHIR transactions, {clients} clients")
-
-    def post(bundle: dict) -> None:
-        client = getattr(local, "client", None)
-        if client is None:
-            client = local.client = FhirClient(base_url)
-            with lock:
-                made.append(client)
-        client.transaction(bundle)
-        with lock:
-            bar.update(1)
-
-    try:
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            t0 = time.perf_counter()
-            list(pool.map(post, bundles))
-            seconds = time.perf_counter() - t0
-    finally:
-        bar.close()
-        for c in made:
-            c.close()
-    return {
-        "clients": clients,
-        "orders": orders,
-        "transactions": len(bundles),
-        "seconds": round(seconds, 3),
-        "transactions_per_s": round(len(bundles) / seconds, 2),
-        # Same order mix as the pipeline: orders with nothing to write cost no transaction.
-        "orders_per_s": round(orders / seconds, 2),
-    }
-
-
-class _CommitClock:
-    """Marks when the consumer's committed count moves (via its ConsumerStats) and when dispatching starts."""
-
-    def __init__(self, total: int, progress: bool) -> None:
-        self.first_dispatch: float | None = None
-        self.last_commit: float | None = None
-        self.committed = 0
-        self.bar = _progress(total=total, enabled=progress, desc="ehr-worker end to end (Kafka -> Celery -> FHIR)")
-
-    def on_commit(self, value: int) -> None:
-        if value > self.committed:
-            self.committed = value
-            self.last_commit = time.perf_counter()
-            self.bar.n = value
-            self.bar.refresh()
-
-
-def _timed_stats(clock: _CommitClock) -> ConsumerStats:
-    class TimedStats(ConsumerStats):
-        def __setattr__(self, name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-            if name == "committed":
-                clock.on_commit(value)
-
-    return TimedStats()
-
-
-class _TimedDispatcher:
-    def __init__(self, inner: Callable, clock: _CommitClock) -> None:
-        self.inner = inner
-        self.clock = clock
-        self.statuses: dict[str, int] = {}
-        self.event_statuses: dict[str, int] = {}
-        self.created = 0
-        self.models: set[str] = set()
-
-    def __call__(self, batch):
-        if self.clock.first_dispatch is None:
-            self.clock.first_dispatch = time.perf_counter()
-        outcomes = self.inner(batch)
-        for out in outcomes:
-            self.event_statuses[out.status] = self.event_statuses.get(out.status, 0) + 1
-            for r in out.results:
-                s = str(r.get("status"))
-                self.statuses[s] = self.statuses.get(s, 0) + 1
-                self.created += int(r.get("created") or 0)
-                for task in TASKS:
-                    if isinstance(r.get(task), dict):
-                        self.models.add(f"{r[task].get('model')}@{r[task].get('model_version')}")
-        return outcomes
-
-
-def measure_pipeline(stack: LocalStack, orders: list[dict], *, progress: bool = True,
-                     idle_timeout_s: float = 120.0) -> dict:
-    """The orders through Kafka, the consumer, Celery and FHIR on ``stack`` (its settings name a fresh topic)."""
-    stack.create_topics()
-    stack.publish((sr["id"].encode(), json.dumps(sr).encode()) for sr in orders)
-    settings = stack.settings
-
-    clock = _CommitClock(len(orders), progress)
-    consumer = build_consumer(settings, stats=_timed_stats(clock))
-    dispatcher = _TimedDispatcher(build_dispatcher(settings), clock)
-    t0 = time.perf_counter()
-    try:
-        stats = consumer.run(dispatcher, max_events=len(orders), idle_timeout_s=idle_timeout_s)
-    finally:
-        clock.bar.close()
-    wall = time.perf_counter() - t0
-    if clock.first_dispatch is None or clock.last_commit is None or stats.committed < len(orders):
-        raise RuntimeError(f"the pipeline committed {stats.committed} of {len(orders)} events: {stats.as_dict()}")
-    seconds = clock.last_commit - clock.first_dispatch
-    return {
-        "orders": len(orders),
-        "seconds": round(seconds, 3),
-        "orders_per_s": round(len(orders) / seconds, 2),
-        "wall_s_including_group_join": round(wall, 3),
-        "order_outcomes": dict(sorted(dispatcher.statuses.items())),
-        "event_outcomes": dict(sorted(dispatcher.event_statuses.items())),
-        "resources_created": dispatcher.created,
-        "models_used": sorted(dispatcher.models),  # as the worker reported them (registry may change)
-        "consumer": stats.as_dict(),
-    }
-
-
-def worker_memory(worker_pid: int) -> dict:
-    children = child_pids(worker_pid)
-    rss = {pid: kb for pid in children if (kb := vm_rss_kb(pid)) is not None}
-    return {
-        "parent_rss_mb": kb_to_mb(vm_rss_kb(worker_pid)),
-        "children_rss_mb": [kb_to_mb(kb) for kb in rss.values()],
-        "child_rss_mb_max": kb_to_mb(max(rss.values())) if rss else None,
-    }
 
 
 def model_sizes(registry: ModelRegistry) -> dict:

@@ -1,6 +1,12 @@
-"""``run_bench``: every measurement of ``workers.bench.measurements`` once, in this order (the slow
-services start first and sit idle while the models are timed, so both latency measurements see
-the same machine), then the table."""
+"""``run_bench``: every measurement once, in this order, then the tables.
+
+1. services start (Kafka, FHIR, Redis) and sit idle while the models are timed in this process;
+2. the naive baseline in its own process (inference, then end to end on ``baseline_orders``);
+3. the FHIR server's own throughput (1 order per transaction and ``k`` per transaction);
+4. for each worker concurrency: a worker, then one end-to-end run per N (``orders``), memory and
+   CPU of every process at the start and end of each run, and one profiled run (py-spy);
+5. the cold start of a fresh worker.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,32 +28,35 @@ from models.registry import ModelRegistry
 from models.runtime import TextClassifier
 from schemas.tasks import TASKS
 from schemas.text import build_model_input
+from workers.bench import profile
+from workers.bench.coldstart import measure_cold_start
+from workers.bench.e2e import WARMUP_ORDERS, measure_pipeline
+from workers.bench.fhir_server import fhir_sweep
 from workers.bench.measurements import (
     TextClassifiers,
     build_bundles,
-    measure_fhir_transactions,
     measure_inference,
-    measure_pipeline,
     model_info,
     model_sizes,
     run_baseline_process,
     token_stats,
-    worker_memory,
 )
 from workers.bench.orders import fixture_orders, generated_orders, make_orders, new_tag
+from workers.bench.procs import snapshot, stack_processes
+from workers.bench.summary import end_to_end_figures, pipeline_cpu, stage_profile
 from workers.bench.table import print_table, table_rows
 from workers.local import LocalStack
 from workers.pipeline import ModelSet
 from workers.settings import Settings
 
-# the bench's own Redis database, so that its tasks never reach another worker on the same Redis
+# the bench's own Redis database by default, so that its tasks never reach another worker on the same Redis
 BENCH_REDIS_DB = 14
 
 
-def bench_redis_url() -> str:
-    """Redis at the port of ``EHRW_REDIS_URL`` (6379 by default), database ``BENCH_REDIS_DB``."""
+def bench_redis_url(db: int = BENCH_REDIS_DB) -> str:
+    """Redis at the port of ``EHRW_REDIS_URL`` (6379 by default), database ``db``."""
     url = os.environ.get("EHRW_REDIS_URL", "redis://127.0.0.1:6379/0")
-    return f"redis://127.0.0.1:{urlsplit(url).port or 6379}/{BENCH_REDIS_DB}"
+    return f"redis://127.0.0.1:{urlsplit(url).port or 6379}/{db}"
 
 
 def bench_app(redis_url: str) -> Celery:
@@ -59,61 +69,69 @@ def bench_app(redis_url: str) -> Celery:
     return app
 
 
+def _run_settings(base: Settings, tag: str) -> Settings:
+    return base.model_copy(update={"kafka_topic": f"bench-{tag}", "kafka_group": f"bench-{tag}",
+                                   "kafka_dlq_topic": f"bench-{tag}.dlq", "kafka_result_topic": f"bench-{tag}.results"})
+
+
 def run_bench(
     *,
-    orders: int = 200,
+    orders: Sequence[int] = (200, 2000, 20000),
+    concurrency: Sequence[int] = (1, 2),
     latency_orders: int = 300,
+    baseline_orders: int | None = None,
+    fhir_orders: int = 1000,
+    fhir_clients: Sequence[int] = (2,),
+    fhir_batch_sizes: Sequence[int] | None = None,
+    profile_orders: int = 2000,
     registry: str | Path | None = None,
     json_out: str | Path | None = None,
-    concurrency: int = 2,
-    fhir_clients: int = 2,
+    profile_dir: str | Path | None = None,
+    redis_db: int = BENCH_REDIS_DB,
     batch_size: int = 32,
     source: str = "fixtures",
     progress: bool = True,
     console: Console | None = None,
 ) -> dict:
-    """Run every measurement once, print the table, write ``json_out``; returns the figures."""
+    """Run every measurement once, print the tables, write ``json_out``; returns the figures."""
     if console is None:
-        console = Console() if sys.stdout.isatty() else Console(width=130)
-    if orders < 1 or latency_orders < 1:
-        raise ValueError("orders and latency_orders must be >= 1")
+        console = Console() if sys.stdout.isatty() else Console(width=140)
+    orders, concurrency = sorted(set(orders)), sorted(set(concurrency))
+    if not orders or min(orders) < 1 or latency_orders < 1 or not concurrency or min(concurrency) < 1:
+        raise ValueError("orders, concurrency and latency_orders must be >= 1")
     root = Path(registry or os.environ.get("EHRW_MODEL_REGISTRY") or "registry").resolve()
     reg = ModelRegistry(root)
     for task in TASKS:
         reg.verify(task)  # a missing or corrupt model stops here, with the registry's own message
     tag = new_tag()
-    base = fixture_orders() if source == "fixtures" else generated_orders(max(orders, latency_orders))
+    baseline_n = baseline_orders or min(orders)
+    base = fixture_orders() if source == "fixtures" else generated_orders(max(baseline_n, latency_orders))
+    redis_url = bench_redis_url(redis_db)
+    # its own Celery queue too: no other worker on the same Redis (another checkout's) takes its tasks
+    settings = Settings(kafka_topic=f"bench-{tag}", kafka_group=f"bench-{tag}", redis_url=redis_url,
+                        model_registry=root, model_threads=1, celery_queue=f"bench-{tag}")
+    write_batch = settings.write_batch_orders
+    batch_sizes = sorted(set(fhir_batch_sizes or (1, write_batch)))
+    profile_dir = Path(profile_dir or f"bench-profile-{tag}")
     figures: dict[str, Any] = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {
-            "orders": orders,
-            "latency_orders": latency_orders,
-            "batch_size": batch_size,
-            "worker_concurrency": concurrency,
-            "fhir_clients": fhir_clients,
-            "source": source,
-            "distinct_order_texts": len(base),
-            "registry": str(root),
-            "models": model_info(reg),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "orders": orders, "worker_concurrency": concurrency, "latency_orders": latency_orders,
+            "baseline_orders": baseline_n, "fhir_orders": fhir_orders, "fhir_clients": list(fhir_clients),
+            "fhir_orders_per_transaction": batch_sizes, "write_batch_orders": write_batch,
+            "max_in_flight": settings.max_in_flight, "max_in_flight_orders": settings.max_in_flight_orders,
+            "batch_size": batch_size, "source": source, "distinct_order_texts": len(base), "registry": str(root),
+            "models": model_info(reg), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "profile_dir": str(profile_dir),
         },
-    }
-
+    }  # fmt: skip
     latency_texts = [build_model_input(sr) for sr in make_orders(base, latency_orders, f"{tag}-lat")]
-    console.print(f"[bold]ehr-worker bench[/] registry {root}, {orders} orders end to end, {latency_orders} for latency")
+    console.print(f"[bold]ehr-worker bench[/] registry {root}; N = {orders}, worker concurrency {concurrency}")
 
-    redis_url = bench_redis_url()
-    settings = Settings(kafka_topic=f"bench-{tag}", kafka_group=f"bench-{tag}", kafka_dlq_topic=f"bench-{tag}.dlq",
-                        kafka_result_topic=f"bench-{tag}.results", redis_url=redis_url, model_registry=root,
-                        model_threads=1)
     stack = LocalStack(settings, app=bench_app(redis_url))
     with stack:
-        # -- services (idle until step 3) --
         s = stack.settings
-        console.print(f"started Kafka (Tansu) {s.kafka_bootstrap}, FHIR (sekmet) {s.fhir_base_url}, "
-                      f"Redis {redis_url}")
+        console.print(f"started Kafka (Tansu) {s.kafka_bootstrap}, FHIR (sekmet) {s.fhir_base_url}, Redis {redis_url}")
 
         # -- 1. ehr-worker inference --
         models = TextClassifiers(protocol=TextClassifier.load(reg.current_dir("protocol"), threads=1),
@@ -123,39 +141,82 @@ def run_bench(
 
         # -- 2. naive baseline (own process): inference, then end to end with sync FHIR --
         console.print("naive baseline: loading torch and the fp32 models in a separate process…")
-        baseline = run_baseline_process(str(root), latency_texts, make_orders(base, orders, f"{tag}-nb"),
+        baseline = run_baseline_process(str(root), latency_texts, make_orders(base, baseline_n, f"{tag}-nb"),
                                         s.fhir_base_url, progress)
         figures["inference"] = {"ehr_worker": ours, "baseline": baseline["inference"]}
 
-        # -- worker --
-        stack.purge()  # leftovers of an interrupted bench
-        console.print(f"starting celery -A workers worker (prefork, concurrency {concurrency})…")
-        worker = stack.start_worker(concurrency=concurrency, name="bench")
-        others = sorted(
-            name for reply in stack.app.control.ping(timeout=1.0) for name in reply
-            if not name.startswith(f"bench-{os.getpid()}-")
-        )  # fmt: skip
-        figures["config"]["other_workers_on_broker"] = others
-
-        # -- 3. FHIR server transaction throughput --
+        # -- 3. the FHIR server on its own --
         served = ModelSet(models.protocol, models.diagnosis)
-        warm = build_bundles(served, make_orders(base, 2, f"{tag}-warm"))
-        bundles = build_bundles(served, make_orders(base, orders, f"{tag}-fx"))
-        measure_fhir_transactions(s.fhir_base_url, warm, orders=len(warm), clients=1, progress=False)
-        fhir_fig = measure_fhir_transactions(s.fhir_base_url, bundles, orders=orders, clients=fhir_clients,
-                                             progress=progress)
 
-        # -- 4. ehr-worker end to end --
-        pipeline = measure_pipeline(stack, make_orders(base, orders, f"{tag}-e2e"), progress=progress)
-        memory = worker_memory(worker.pid)
-        memory["baseline_process_rss_mb"] = baseline["rss_mb"]
+        def make_bundles(n: int, run_tag: str) -> tuple[list[dict], int]:
+            return build_bundles(served, make_orders(base, n, f"{tag}-{run_tag}")), n
+
+        warm, _ = make_bundles(4, "fxwarm")
+        fhir = fhir_sweep(s.fhir_base_url, lambda n, t: (warm, len(warm)), orders=len(warm), clients=[1],
+                          batch_sizes=[1], progress=False)  # first requests of a fresh server
+        fhir = fhir_sweep(s.fhir_base_url, make_bundles, orders=fhir_orders, clients=fhir_clients,
+                          batch_sizes=batch_sizes, progress=progress)
+
+        # -- 4. end to end, per worker concurrency and N --
+        # (its queue is new: no leftovers of an interrupted bench to purge)
+        runs: list[dict] = []
+        profiled: dict[str, Any] = {}
+        largest = (max(orders), max(concurrency))
+        for conc in concurrency:
+            console.print(f"starting celery -A workers worker (prefork, concurrency {conc})…")
+            worker = stack.start_worker(concurrency=conc, name="bench", EHRW_WORKER_HTTP_PORT="0",
+                                        EHRW_CELERY_QUEUE=s.celery_queue)
+            others = sorted(name for reply in stack.app.control.ping(timeout=1.0) for name in reply
+                            if not name.startswith(f"bench-{os.getpid()}-"))  # fmt: skip
+            figures["config"]["other_workers_on_broker"] = others
+            plan = [(n, False) for n in orders]
+            if conc == max(concurrency) and profile_orders:
+                plan.insert(0, (min(profile_orders, max(orders)), True))
+            for n, profiled_run in plan:
+                run_tag = f"{tag}-c{conc}-n{n}{'-prof' if profiled_run else ''}"
+                batch = make_orders(base, n, run_tag)
+                warmup = make_orders(base, WARMUP_ORDERS, f"{run_tag}-w")
+                procs = stack_processes(stack, worker.pid)
+                before = snapshot(procs)
+                recorders: list[profile.Recorder] = []
+
+                def start_profile(run_tag: str = run_tag) -> None:
+                    recorders.append(profile.Recorder(os.getpid(), profile_dir / f"{run_tag}-consumer.txt"))
+                    recorders.append(profile.Recorder(worker.pid, profile_dir / f"{run_tag}-worker.txt",
+                                                      subprocesses=True))
+
+                result = measure_pipeline(_run_settings(s, run_tag), batch, warmup, progress=progress,
+                                          on_start=start_profile if profiled_run else None)
+                after = snapshot(procs)
+                result.update(worker_concurrency=conc, processes={"start": before, "end": after})
+                if profiled_run:
+                    consumer_lines, worker_lines = (r.stop() for r in recorders)
+                    errors = [r.error for r in recorders if r.error]
+                    profiled = stage_profile(consumer_lines, worker_lines, orders=n, rate=recorders[0].rate,
+                                             errors=errors, evidence=[str(r.out) for r in recorders])
+                    profiled["run"] = {k: result[k] for k in ("orders", "orders_per_s", "worker_concurrency")}
+                    profiled["pipeline_cpu"] = pipeline_cpu(before, after, profiled, orders=n)
+                    continue
+                runs.append(result)
+                if (n, conc) == largest:
+                    figures["memory_largest_run"] = {"orders": n, "worker_concurrency": conc,
+                                                     "start": before, "end": after}
+            worker.stop()
+            stack.workers.remove(worker)
+
+        # -- 5. cold start --
+        cold = measure_cold_start(stack, make_orders(base, 1, f"{tag}-cold")[0], concurrency=max(concurrency))
 
     figures["config"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    figures["end_to_end"] = end_to_end_figures(ours, fhir_fig, pipeline, baseline, concurrency)
+    figures["fhir_server"] = fhir
+    figures["runs"] = runs
+    figures["profile"] = profiled
+    figures["cold_start"] = cold
+    figures["end_to_end"] = end_to_end_figures(ours, fhir, runs, baseline)
     figures["inference"]["speedup_p50"] = round(baseline["inference"]["p50_ms"] / ours["p50_ms"], 2)
     figures["baseline_model"] = baseline["model"]
     figures["size"] = model_sizes(reg)
-    figures["memory"] = memory
+    figures["memory"] = {"baseline_process_rss_mb": baseline["rss_mb"]}
     figures["rows"] = table_rows(figures)
     print_table(figures, console)
     if json_out:
@@ -163,35 +224,3 @@ def run_bench(
         Path(json_out).write_text(json.dumps(figures, indent=2) + "\n")
         console.print(f"figures written to {json_out}")
     return figures
-
-
-def end_to_end_figures(ours: dict, fhir_fig: dict, pipeline: dict, baseline: dict, concurrency: int) -> dict:
-    """The end-to-end rates against the limit set by the models and the FHIR server."""
-    processes = max(1, min(concurrency, os.cpu_count() or 1))
-    model_tput = ours["one_at_a_time_orders_per_s"] * processes
-    limit = min(model_tput, fhir_fig["orders_per_s"])
-    # Informational: when the models and the FHIR server share the same CPUs (as here), their costs
-    # add up per order instead of overlapping, so this is the tighter bound on such a machine.
-    shared_cpu = 1.0 / (1.0 / model_tput + 1.0 / fhir_fig["orders_per_s"])
-    return {
-        "ehr_worker": pipeline,
-        "baseline": baseline["end_to_end"],
-        "fhir_server": fhir_fig,
-        "model": {
-            "orders_per_s_one_process": ours["one_at_a_time_orders_per_s"],
-            "processes": processes,
-            "orders_per_s": round(model_tput, 1),
-        },
-        "limit": {
-            "orders_per_s": round(limit, 2),
-            "bound_by": "model" if model_tput <= fhir_fig["orders_per_s"] else "fhir_server",
-            "formula": "min(model one-order-at-a-time orders/s of one process x min(worker concurrency, CPUs), "
-            "FHIR server transaction orders/s with 2 clients)",
-            "shared_cpu_orders_per_s": round(shared_cpu, 2),
-            "shared_cpu_formula": "1 / (1 / model orders/s + 1 / FHIR orders/s): approximate, assumes each "
-            "measurement kept the CPUs busy and both now share them",
-        },
-        "pct_of_shared_cpu_bound": round(100.0 * pipeline["orders_per_s"] / shared_cpu, 1),
-        "pct_of_limit": round(100.0 * pipeline["orders_per_s"] / limit, 1),
-        "speedup_vs_baseline": round(pipeline["orders_per_s"] / baseline["end_to_end"]["orders_per_s"], 2),
-    }
