@@ -109,12 +109,12 @@ def outcome_for_event(outcomes: list[OrderOutcome]) -> EventOutcome:
         first = rejected[0]
         return EventOutcome(
             status="dead_letter",
-            results=[dict(r) for r in results],
+            results=list(results),
             reason_code=first.get("reason_code"),
             reason=first.get("reason"),
             details={"order": first.get("order"), "operation_outcome": first.get("operation_outcome")},
         )
-    return EventOutcome(status="done", results=[dict(r) for r in results])
+    return EventOutcome(status="done", results=list(results))
 
 
 def retry_outcome(result: NotFinalOutcome) -> EventOutcome:
