@@ -42,12 +42,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models.phenotypes import EXCLUDED, PRESENT, Mention, PhenotypeRecognizer, patient_terms
 from models.registry import Manifest, verify_version_dir
 from schemas.catalog import disease_coding
+
+if TYPE_CHECKING:
+    from schemas.labels import ModelOutput
 
 KIND = "hpo-ranker"
 MIN_SHARED_IC = 1.0
@@ -393,7 +397,7 @@ class DiagnosisModel:
                            predictions=preds, threshold=self.threshold, model_card_url=self.model_card_url,
                            phenotypes=phenotypes)
 
-    def predict(self, texts: Sequence[str], top_k: int = 5, batch_size: int = 32) -> list:
+    def predict(self, texts: Sequence[str], top_k: int = 5, batch_size: int = 32) -> list[ModelOutput]:
         """One :class:`schemas.labels.ModelOutput` per text; ``abstained`` when the text describes no
         rare-disease phenotype (the fitted specificity gate)."""
         return [self.output(self.analyse(t if isinstance(t, str) else str(t)), top_k) for t in texts]
