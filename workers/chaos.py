@@ -155,16 +155,16 @@ def run_row(lab: ChaosLab, name: str, fault: Fault | None, n: int, *, timeout_s:
     if fault is not None:
         injector = threading.Thread(target=fault, args=(run,), daemon=True)
         injector.start()
-    deadline = started + timeout_s
-    while time.monotonic() < deadline and run.progress() < 1.0:
-        time.sleep(0.5)
-    seconds = time.monotonic() - started
-    log.info("row %s: progress %.3f after %.0fs", name, run.progress(), seconds)
-    if fault is not None:
-        injector.join(timeout=120)  # a fault still running (a Redis frozen) ends before counting
-    for index in range(len(run.consumers)):
-        run.stop_consumer(index)
-    run.stop_all.set()
+    try:
+        _wait_for_the_row(run, started + timeout_s)
+        seconds = time.monotonic() - started
+        log.info("row %s: progress %.3f after %.0fs", name, run.progress(), seconds)
+        if fault is not None:
+            injector.join(timeout=120)  # a fault still running (a Redis frozen) ends before counting
+    finally:  # a failed or interrupted row leaves no consumer behind to read the next row's topics
+        for index in range(len(run.consumers)):
+            run.stop_consumer(index)
+        run.stop_all.set()
     lab.proxy.heal()
     row = verify(lab, settings, name, events, ends, max_queue=run.max_queue, seconds=seconds)
     row.notes = "; ".join([*run.notes, row.notes])
@@ -172,6 +172,24 @@ def run_row(lab: ChaosLab, name: str, fault: Fault | None, n: int, *, timeout_s:
 
 
 PARTITIONS = 3
+WORKER_GONE_S = 90.0  # longer than the worker-parent row keeps the worker down
+
+
+def _wait_for_the_row(run: RowRun, deadline: float) -> None:
+    """Until every event is committed or ``deadline``; gives up early, with a note, when the lab's
+    Celery worker has been gone for ``WORKER_GONE_S`` (nothing would finish the row)."""
+    gone_since: float | None = None
+    while time.monotonic() < deadline and run.progress() < 1.0:
+        time.sleep(0.5)
+        worker = run.lab.worker
+        if worker is None or worker.proc.poll() is None:
+            gone_since = None
+            continue
+        gone_since = gone_since or time.monotonic()
+        if time.monotonic() - gone_since > WORKER_GONE_S:
+            log_path = run.lab.workdir / "worker.log"
+            run.notes.append(f"the lab's celery worker exited ({worker.proc.returncode}); see {log_path}")
+            return
 
 
 def _committed(settings: Settings) -> dict[int, int]:

@@ -152,7 +152,7 @@ def rows(n: int, *, long: bool = False) -> list[tuple[str, Fault | None, dict[st
         ("FHIR 429 Retry-After", fhir_answers(429, 45.0 if long else 6.0, retry_after=45 if long else 3), {}),
         ("FHIR 401 expired token", fhir_answers(401, 30.0 if long else 6.0), {}),
         ("FHIR slower than timeout", fhir_slow(outage, FHIR_TIMEOUT_S + 2), {}),
-        ("Redis restart", redis_hit("restart"), {}),
+        ("Redis restart", redis_hit("restart", times=4), {}),
         ("Redis flush", redis_hit("flush"), {}),
         (f"Redis unreachable {30 if long else 6}s", freeze_redis(30.0 if long else 6.0), {}),
         ("Bundles of 2,000 + duplicate ids", None, {"bundles": 2}),
