@@ -198,3 +198,35 @@ def test_an_obo_release_compiles_like_the_json_one(tmp_path):
     assert [d["code"] for d in k["diseases"]] == ["OMIM:100001", "OMIM:100002", "ORPHA:900"]
     phenotypic = k["arrays"]["phenotypic"]
     assert not phenotypic[onto.index["HP:0000007"]] and phenotypic[onto.index["HP:0000252"]]
+
+
+def test_serving_score_is_the_training_features_times_the_weights(dx_model):
+    # score() sums the constant columns once and the sparse ones in one bincount; training fits the
+    # weights on features(): the two must rank alike on every kind of input
+    ranker, rng = dx_model.ranker, np.random.default_rng(7)
+    phenotypic = np.flatnonzero(ranker.phenotypic)
+    weights = np.concatenate([dx_model.weights, rng.normal(size=len(dx_model.weights)).astype(np.float32)])
+    for i in range(60):
+        w = weights[: len(dx_model.weights)] if i % 2 else weights[len(dx_model.weights) :]
+        present = [int(t) for t in rng.choice(phenotypic, rng.integers(1, 12))]
+        excluded = [int(t) for t in rng.choice(phenotypic, rng.integers(0, 4))]
+        args = (present, excluded, int(rng.integers(0, 3)), float(rng.uniform(0, 40)) if i % 3 else None,
+                (i % 4 == 0, i % 5 == 0))  # fmt: skip
+        served, per_term, used, _ = ranker.score(w, *args)
+        matrix, *_ = ranker.features(*args)
+        np.testing.assert_allclose(served, matrix @ w, rtol=1e-5, atol=1e-4)
+        assert [q for q, _ in per_term] == used
+
+
+def test_cached_similarity_equals_the_float_scatter(dx_model):
+    from models.diagnosis import MIN_SHARED_IC
+
+    ranker, rng = dx_model.ranker, np.random.default_rng(3)
+    for q in rng.choice(np.flatnonzero(ranker.phenotypic), 200):
+        expected = np.zeros(ranker.n_diseases, dtype=np.float32)
+        anc = ranker.ancestors(int(q))
+        anc = anc[ranker.ic[anc] >= MIN_SHARED_IC]
+        for a in anc[np.argsort(ranker.ic[anc], kind="stable")]:
+            expected[ranker.col_rows[ranker.col_indptr[a] : ranker.col_indptr[a + 1]]] = ranker.ic[a]
+        assert np.array_equal(ranker.similarity(int(q)), expected)
+        assert np.array_equal(ranker.similarity(int(q)), expected)  # and again, from the cache
