@@ -118,7 +118,7 @@ class Ranker:
         self.n_annotations = a["n_annotations"]
         self.sex = a["sex"]
         self.n_diseases = len(self.n_annotations)
-        self._sim_cache: dict[int, np.ndarray] = {}
+        self._sim_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # term -> (ancestor per disease, ICs)
         self.log_annotations = np.log1p(self.n_annotations).astype(np.float32)
         # the expected number of a patient's features among the annotations (sum of frequencies): when an
         # author names the frequent ones, a named feature is one draw among that many, not among all
