@@ -34,7 +34,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -118,7 +118,7 @@ class RowRun:
         client = redis.Redis.from_url(self.lab.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         while not self.stop_all.is_set():
             try:
-                self.max_queue = max(self.max_queue, int(client.llen(self.lab.queue)))
+                self.max_queue = max(self.max_queue, cast(int, client.llen(self.lab.queue)))  # a sync client
             except Exception as exc:  # noqa: BLE001 - a Redis fault row; the sample resumes
                 log.debug("queue sample failed (%s)", type(exc).__name__)
             time.sleep(0.02)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from schemas.tasks import TASKS
 
@@ -228,7 +228,7 @@ class QueueDepth(Collector):
         try:
             client = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             try:
-                family.add_metric([self.queue], float(client.llen(self.queue)))
+                family.add_metric([self.queue], float(cast(int, client.llen(self.queue))))  # a sync client
             finally:
                 client.close()
         except Exception:  # noqa: BLE001, S110 - /readyz reports Redis; a scrape must still answer
