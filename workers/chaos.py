@@ -78,6 +78,7 @@ class RowRun:
         self.lab, self.name, self.tag, self.settings, self.ends = lab, name, tag, settings, ends
         self.stop_all = threading.Event()
         self.consumers: list[subprocess.Popen[bytes]] = []
+        self.stopped: set[int] = set()  # consumers stopped by the row (or already reported gone)
         self.max_queue = 0
         self.notes: list[str] = []
 
@@ -85,13 +86,25 @@ class RowRun:
         """A real consumer process (``python -m workers.chaos consume``) on the row's settings and
         the lab's Redis; its log is in the lab's work directory."""
         log_path = self.lab.workdir / f"consumer-{self.tag}-{len(self.consumers)}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "workers.chaos", "consume"], env=self.lab.consumer_env(self.settings),
+        env = {**self.lab.consumer_env(self.settings), "PYTHONFAULTHANDLER": "1"}  # a native crash leaves a trace
+        proc = subprocess.Popen([sys.executable, "-m", "workers.chaos", "consume"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log_path.open("ab"), start_new_session=True)  # fmt: skip
         self.consumers.append(proc)
+
+    def consumers_gone_unasked(self) -> list[str]:
+        """Consumers that exited without :meth:`stop_consumer` (each reported once in the notes)."""
+        gone = []
+        for index, proc in enumerate(self.consumers):
+            if index not in self.stopped and proc.poll() is not None:
+                self.stopped.add(index)
+                gone.append(f"consumer {index} exited on its own ({proc.returncode})")
+        self.notes.extend(gone)
+        return gone
 
     def stop_consumer(self, index: int, timeout_s: float = 60.0) -> None:
         """SIGTERM: the consumer finishes its batch, leaves the group and exits."""
         proc = self.consumers[index]
+        self.stopped.add(index)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -153,7 +166,7 @@ def run_row(lab: ChaosLab, name: str, fault: Fault | None, n: int, *, timeout_s:
         for _ in range(consumers):
             run.start_consumer()
     if fault is not None:
-        injector = threading.Thread(target=fault, args=(run,), daemon=True)
+        injector = threading.Thread(target=_inject, args=(fault, run), daemon=True)
         injector.start()
     try:
         _wait_for_the_row(run, started + timeout_s)
@@ -173,14 +186,31 @@ def run_row(lab: ChaosLab, name: str, fault: Fault | None, n: int, *, timeout_s:
 
 PARTITIONS = 3
 WORKER_GONE_S = 90.0  # longer than the worker-parent row keeps the worker down
+STALLED_S = 120.0  # a group waiting on a member that died in the middle of joining never completes
+
+
+def _inject(fault: Fault, run: RowRun) -> None:
+    """Run ``fault``; a fault that fails (a consumer that could not be started) says so in the notes."""
+    try:
+        fault(run)
+    except Exception as exc:  # noqa: BLE001 - reported in the row, which then fails its counts
+        run.notes.append(f"the fault failed: {type(exc).__name__}: {exc}")
+        log.exception("row %s: the fault failed", run.name)
 
 
 def _wait_for_the_row(run: RowRun, deadline: float) -> None:
     """Until every event is committed or ``deadline``; gives up early, with a note, when the lab's
     Celery worker has been gone for ``WORKER_GONE_S`` (nothing would finish the row)."""
     gone_since: float | None = None
-    while time.monotonic() < deadline and run.progress() < 1.0:
+    consumer_lost, last_progress, moved_at = False, -1.0, time.monotonic()
+    while time.monotonic() < deadline and (progress := run.progress()) < 1.0:
         time.sleep(0.5)
+        if progress > last_progress:
+            last_progress, moved_at = progress, time.monotonic()
+        consumer_lost = bool(run.consumers_gone_unasked()) or consumer_lost
+        if consumer_lost and time.monotonic() - moved_at > STALLED_S:
+            run.notes.append(f"no progress for {STALLED_S:.0f}s after a consumer exited on its own")
+            return
         worker = run.lab.worker
         if worker is None or worker.proc.poll() is None:
             gone_since = None
