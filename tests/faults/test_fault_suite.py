@@ -36,7 +36,7 @@ def lab(services, tiny_registry, tmp_path_factory):
     lab.stop()
 
 
-# Open (docs/reliability.md, "The rebalance row's stalled join"): 5 of 14 runs on a loaded
+# Open (docs/reliability.md, "The rebalance row's stalled join"): 5 of 15 runs on a loaded
 # machine, the third consumer vanishes while joining (empty log, no process) and the two others
 # wait in JoinGroup for good. Not strict: a pass is a pass; a stall ends at the row's own timeout.
 STALLED_JOIN = pytest.mark.xfail(reason="intermittent stalled group join (docs/reliability.md)", strict=False)
