@@ -91,6 +91,16 @@ class RowRun:
                                 stdout=subprocess.DEVNULL, stderr=log_path.open("ab"), start_new_session=True)  # fmt: skip
         self.consumers.append(proc)
 
+    def wait_until_assigned(self, index: int, timeout_s: float = 60.0) -> bool:
+        """Until consumer ``index`` has been given partitions (it logs each assignment)."""
+        log_path = self.lab.workdir / f"consumer-{self.tag}-{index}.log"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if log_path.exists() and "partitions assigned" in log_path.read_text(errors="replace"):
+                return True
+            time.sleep(0.2)
+        return False
+
     def consumers_gone_unasked(self) -> list[str]:
         """Consumers that exited without :meth:`stop_consumer` (each reported once in the notes)."""
         gone = []

@@ -36,15 +36,7 @@ def lab(services, tiny_registry, tmp_path_factory):
     lab.stop()
 
 
-# Open (docs/reliability.md, "The rebalance row's stalled join"): 5 of 15 runs on a loaded
-# machine, the third consumer vanishes while joining (empty log, no process) and the two others
-# wait in JoinGroup for good. Not strict: a pass is a pass; a stall ends at the row's own timeout.
-STALLED_JOIN = pytest.mark.xfail(reason="intermittent stalled group join (docs/reliability.md)", strict=False)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=STALLED_JOIN) if "rebalance" in name else name for name in ROWS]
-)
+@pytest.mark.parametrize("name", list(ROWS))
 def test_fault_row_loses_nothing_duplicates_nothing_and_sticks_nowhere(lab, name):
     fault, options = ROWS[name]
     options = dict(options)
