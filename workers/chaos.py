@@ -34,6 +34,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from kafka import KafkaConsumer, TopicPartition
@@ -85,15 +86,18 @@ class RowRun:
     def start_consumer(self) -> None:
         """A real consumer process (``python -m workers.chaos consume``) on the row's settings and
         the lab's Redis; its log is in the lab's work directory."""
-        log_path = self.lab.workdir / f"consumer-{self.tag}-{len(self.consumers)}.log"
+        log_path = self.consumer_log(len(self.consumers))
         env = {**self.lab.consumer_env(self.settings), "PYTHONFAULTHANDLER": "1"}  # a native crash leaves a trace
         proc = subprocess.Popen([sys.executable, "-m", "workers.chaos", "consume"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log_path.open("ab"), start_new_session=True)  # fmt: skip
         self.consumers.append(proc)
 
+    def consumer_log(self, index: int) -> Path:
+        return self.lab.workdir / f"consumer-{self.tag}-{index}.log"
+
     def wait_until_assigned(self, index: int, timeout_s: float = 60.0) -> bool:
         """Until consumer ``index`` has been given partitions (it logs each assignment)."""
-        log_path = self.lab.workdir / f"consumer-{self.tag}-{index}.log"
+        log_path = self.consumer_log(index)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if log_path.exists() and "partitions assigned" in log_path.read_text(errors="replace"):
@@ -196,7 +200,7 @@ def run_row(lab: ChaosLab, name: str, fault: Fault | None, n: int, *, timeout_s:
 
 PARTITIONS = 3
 WORKER_GONE_S = 90.0  # longer than the worker-parent row keeps the worker down
-STALLED_S = 120.0  # a group waiting on a member that died in the middle of joining never completes
+STALLED_S = 120.0  # no progress this long after losing a consumer the row did not stop: give up
 
 
 def _inject(fault: Fault, run: RowRun) -> None:
@@ -210,7 +214,8 @@ def _inject(fault: Fault, run: RowRun) -> None:
 
 def _wait_for_the_row(run: RowRun, deadline: float) -> None:
     """Until every event is committed or ``deadline``; gives up early, with a note, when the lab's
-    Celery worker has been gone for ``WORKER_GONE_S`` (nothing would finish the row)."""
+    Celery worker has been gone for ``WORKER_GONE_S`` or nothing has moved for ``STALLED_S`` after
+    a consumer exited on its own (nothing would finish the row)."""
     gone_since: float | None = None
     consumer_lost, last_progress, moved_at = False, -1.0, time.monotonic()
     while time.monotonic() < deadline and (progress := run.progress()) < 1.0:
