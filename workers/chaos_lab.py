@@ -61,9 +61,9 @@ class ChaosLab:
             "EHRW_CELERY_QUEUE": self.queue,
             "EHRW_FHIR_MAX_RETRIES": "1",
             "EHRW_FHIR_TIMEOUT_S": str(FHIR_TIMEOUT_S),
-            "EHRW_TASK_SOFT_TIME_LIMIT_S": "20",
-            "EHRW_TASK_HARD_TIME_LIMIT_S": "30",
-            "EHRW_BROKER_VISIBILITY_TIMEOUT_S": "60",
+            "EHRW_TASK_SOFT_TIME_LIMIT_S": str(TASK_SOFT_LIMIT_S),
+            "EHRW_TASK_HARD_TIME_LIMIT_S": str(TASK_HARD_LIMIT_S),
+            "EHRW_BROKER_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
             "EHRW_REDIS_SOCKET_TIMEOUT_S": "5",
             "EHRW_PAYLOAD_KEY": self.payload_key,
         }
@@ -184,6 +184,9 @@ class ChaosLab:
             "celery_queue": self.queue, "event_max_attempts": 3, "retry_backoff_s": 0.2, "retry_backoff_max_s": 2.0,
             "retry_after_max_s": 30.0, "max_in_flight": 64, "max_in_flight_orders": WINDOW, "task_timeout_s": 30.0,
             "payload_key": self.payload_key, "redis_socket_timeout_s": 5.0,
+            # The worker's limits (worker_env): the consumer's sent-marker lifetime derives from them.
+            "task_soft_time_limit_s": TASK_SOFT_LIMIT_S, "task_hard_time_limit_s": TASK_HARD_LIMIT_S,
+            "broker_visibility_timeout_s": VISIBILITY_TIMEOUT_S,
         }  # fmt: skip
         values.update(changes)
         return Settings(**values)
@@ -196,6 +199,10 @@ class ChaosLab:
 
 FHIR_TIMEOUT_S = 5.0  # the worker's FHIR client timeout in the lab (a "slow FHIR" answers later)
 WINDOW = 32  # orders in flight per consumer (the Redis queue bound the table checks)
+# The lab's short limits, shared by its worker and its consumers (the sent-marker lifetime derives from them).
+TASK_SOFT_LIMIT_S = 20
+TASK_HARD_LIMIT_S = 30
+VISIBILITY_TIMEOUT_S = 60
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

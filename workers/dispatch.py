@@ -23,6 +23,9 @@ One dispatch round, in short:
   order again) and becomes a ``retry`` outcome of the matching kind (see
   :mod:`connectors.retry`). The first ``unavailable`` or ``deployment_error`` ends the round at
   once: every other event of the batch waits with it instead of hammering a server that is down.
+- **A lost task is sent again** at once, not when its sent marker expires: one that no worker
+  received although the queue stands empty (:mod:`workers.lost_tasks`). A received task is
+  Redis's to re-deliver if its worker dies.
 - **Never outwaiting the group.** While waiting, the round calls the consumer's ``keepalive``
   (a paused poll); without one it stops at 80 % of ``max.poll.interval.ms``.
 """
@@ -44,6 +47,7 @@ from schemas.events import OrderItem, ParsedEvent
 from schemas.outcomes import NotFinalOutcome, OrderOutcome, TaskResult, is_final, outcome_codes
 from schemas.references import order_id_reference
 from workers.clients import kafka_client_config
+from workers.lost_tasks import LostTaskWatch
 from workers.observability import task_options  # Operations (issue 9)
 from workers.payload import apply_async_options, payload_cipher, task_argsrepr
 from workers.settings import Settings, get_settings
@@ -159,6 +163,7 @@ class CeleryDispatcher:
         queue: str | None = None,
         cipher: Any | None = None,
         write_batch_orders: int = 16,
+        lost_after_s: float = 10.0,
     ) -> None:
         self.group = group
         # Orders carried inline travel encrypted (workers/payload.py); no key fails here, at start.
@@ -178,6 +183,8 @@ class CeleryDispatcher:
         self._batch_id = self._new_batch_id()  # the batch being filled
         self._pending: list[tuple[str, Incoming, OrderItem | VoidOrder]] = []
         self._batch_of: dict[str, str] = {}  # order task id -> the batch task that runs it
+        self._lost = LostTaskWatch(self._redis, self._backend, queue or str(app.conf.task_default_queue), lost_after_s)
+        self._checked_at = time.monotonic()  # when the sent tasks were last looked for (_check_sent)
 
     # -- the round -------------------------------------------------------------------------------
 
@@ -189,7 +196,6 @@ class CeleryDispatcher:
         deadline = time.monotonic() + budget
         to_send: deque[tuple[_Event, str]] = deque()
         mine: dict[str, _Event] = {}  # this round's tasks in flight -> their event
-        marker_checked = time.monotonic()
         halt: EventOutcome | None = None
         while halt is None:
             self._start_ready(events, to_send)
@@ -219,9 +225,10 @@ class CeleryDispatcher:
                 halt = self._record(owner, tid, result)
                 if halt is not None:
                     break
-            if time.monotonic() - marker_checked >= _MARKER_CHECK_EVERY_S:
-                marker_checked = time.monotonic()
-                self._resend_lost(mine)
+            # The clock runs across rounds: short rounds (no keepalive) check too.
+            if time.monotonic() - self._checked_at >= _MARKER_CHECK_EVERY_S:
+                self._checked_at = time.monotonic()
+                self._check_sent(mine)
             if keepalive is not None:
                 keepalive()
             if not progressed:
@@ -387,26 +394,38 @@ class CeleryDispatcher:
         code = "task_timeout" if "TimeLimit" in exc_type else "task_error"
         return {"order": None, "status": STATUS_FAILED, "reason_code": code, "error_type": exc_type}
 
-    def _resend_lost(self, outstanding: dict[str, _Event]) -> None:
-        if not outstanding:
+    def _check_sent(self, mine: dict[str, _Event]) -> None:
+        """Every few seconds: send again this round's orders whose task is gone, and free the window
+        places of earlier rounds' orders whose task is gone.
+
+        A task is gone when its sent marker vanished (Redis flushed or restarted), or when no worker
+        took it although the queue stands empty (:mod:`workers.lost_tasks`)."""
+        tids = list(self._in_flight)
+        if not tids:
             return
-        tids = list(outstanding)
+        waiting: dict[str, list[str]] = {}  # batch task -> its orders in flight
         for tid, marker in zip(tids, self._redis.mget([f"ehrw:sent:{tid}" for tid in tids])):
-            if marker is not None and tid not in self._batch_of:  # sent by an earlier consumer: its batch
-                self._batch_of[tid] = marker.decode() if isinstance(marker, bytes) else str(marker)
             if marker is None:
-                log.warning("task %s vanished from Redis; sending it again", tid)
-                self._send(tid, outstanding[tid].inc, outstanding[tid].orders[tid])
-        self._flush()
-        # Earlier rounds' tasks whose marker expired or vanished no longer hold a place in the window.
-        others = [t for t in self._in_flight if t not in outstanding]
-        if others:
-            pipe = self._redis.pipeline()
-            for tid in others:
-                pipe.exists(f"ehrw:sent:{tid}")
-            for tid, exists in zip(others, pipe.execute()):
-                if not exists:
+                if tid in mine:
+                    log.warning("task %s vanished from Redis; sending it again", tid)
+                    self._send(tid, mine[tid].inc, mine[tid].orders[tid])
+                else:
                     self._in_flight.discard(tid)
+                continue
+            batch = marker.decode() if isinstance(marker, bytes) else str(marker)
+            self._batch_of[tid] = batch  # it may be another consumer's batch
+            waiting.setdefault(batch, []).append(tid)
+        for batch in self._lost.lost(set(waiting)):
+            log.warning("task %s (%d orders) was taken by no worker and is not queued; sending its orders again",
+                        batch, len(waiting[batch]))  # fmt: skip
+            for tid in waiting[batch]:
+                if tid in mine:
+                    self._unsure.add(tid)  # its marker names the lost task: take it over
+                    self._send(tid, mine[tid].inc, mine[tid].orders[tid])
+                else:
+                    self._in_flight.discard(tid)
+                    self._forget([tid])  # the event's next dispatch sends it afresh
+        self._flush()
 
     def _forget(self, tids: list[str]) -> None:
         keys: list[Any] = []
@@ -434,8 +453,10 @@ def build_dispatcher(settings: Settings) -> CeleryDispatcher:
         timeout_s=settings.task_timeout_s,
         no_keepalive_timeout_s=min(settings.task_timeout_s, 0.8 * settings.kafka_max_poll_interval_ms / 1000),
         max_in_flight_orders=settings.max_in_flight_orders,
-        # A sent task may wait in an unacknowledged state this long before Redis re-delivers it.
-        marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 60),
+        # A task whose worker died is re-delivered once it is older than the visibility timeout, at
+        # kombu's next look (every tenth 10 s tick, so up to 100 s later); the marker outlives that,
+        # so no copy is sent meanwhile. A task no worker received is found lost long before.
+        marker_ttl_s=int(settings.broker_visibility_timeout_s + settings.task_hard_time_limit_s + 160),
         queue=settings.celery_queue,
         cipher=payload_cipher(settings.payload_key),
         # With traces on, one order per task: each order's trace runs whole from its event to its

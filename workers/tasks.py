@@ -34,6 +34,7 @@ from schemas.outcomes import NotFinalOutcome, NotFinalStatus, RetryDetails, Task
 from workers import logs, metrics
 from workers.app import app
 from workers.clients import build_fhir_client  # rel-b: one builder (SMART, TLS trust, http:// refusal)
+from workers.lost_tasks import mark_received
 from workers.payload import PayloadError, open_task_payload, payload_cipher
 from workers.pipeline import ModelSet, suggest_for_order, suggest_for_orders
 from workers.rollout import process_holder  # Operations (issue 9)
@@ -71,6 +72,9 @@ def process_cipher() -> Any:
 def _load_per_process(**_: Any) -> None:
     process_models()
 
+
+# The dispatcher finds tasks lost between Redis and a worker by the marks these leave (issue 8).
+signals.task_received.connect(mark_received)
 
 # Task results that are not final: the consumer decides when (and whether) the order runs again.
 # (schemas.outcomes.NotFinalStatus).

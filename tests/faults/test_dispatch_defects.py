@@ -92,6 +92,66 @@ def test_a_bundle_of_many_orders_is_bounded_deduplicated_and_never_queued_twice(
     assert app.backend.client.exists(f"ehrw:sent:{task_id_for(dispatcher.group, inc, ids[0])}") == 0
 
 
+def test_a_sent_task_that_no_worker_took_is_sent_again_in_seconds_not_after_its_marker_expires(
+    services, celery_worker
+):
+    """The fault suite's worker-parent row stalled for 7.5 minutes: the worker was SIGKILLed while
+    Redis's answer to its BRPOP was on the wire, so the task was in neither the queue nor Redis's
+    unacknowledged set, and the order's sent marker (visibility + hard limit + margin) kept every
+    re-dispatch waiting for it. Here the marker names a task that never reaches a worker (a consumer
+    killed between marking and sending, or a worker killed as it took the task: either way the task is
+    neither queued nor received)."""
+    from workers.app import app
+    from workers.dispatch import CeleryDispatcher, task_id_for
+
+    client = app.backend.client
+    dispatcher = CeleryDispatcher(group=f"g-{uuid.uuid4().hex[:6]}", timeout_s=2.0, marker_ttl_s=3600, lost_after_s=3.0)
+    inc = _incoming(11, _lab_order(f"lab-{uuid.uuid4().hex[:6]}"))
+    tid = task_id_for(dispatcher.group, inc, inc.event.items[0].order_id)
+    lost_batch = f"ehrw-b-{uuid.uuid4().hex}"
+    client.set(f"ehrw:sent:{tid}", lost_batch.encode(), ex=3600)
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        (outcome,) = dispatcher([inc], keepalive=lambda: None)
+        if outcome.status != "retry":
+            break
+        assert outcome.retry_kind == "busy"
+    assert outcome.status == "done", outcome
+    assert time.monotonic() - started < 45
+    assert client.get(f"ehrw:sent:{tid}") != lost_batch.encode()  # taken over by the batch that ran
+    assert int(client.get(f"ehrw:runs:{tid}")) == 1
+
+
+def test_a_task_queued_with_no_worker_running_is_not_sent_twice(services, local_stack, worker_env):
+    """The other side of the lost-task rule: with no worker on the queue, a sent task waits there
+    (the queue is not empty), so the dispatcher never takes it for lost and never queues a copy;
+    the worker started later runs it once."""
+    from workers.app import app
+    from workers.dispatch import CeleryDispatcher, task_id_for
+    from workers.lost_tasks import received_key
+
+    queue = f"ehrw-idle-{uuid.uuid4().hex[:6]}"
+    client = app.backend.client
+    dispatcher = CeleryDispatcher(group=f"g-{uuid.uuid4().hex[:6]}", timeout_s=2.0, lost_after_s=1.0, queue=queue)
+    inc = _incoming(12, _lab_order(f"lab-{uuid.uuid4().hex[:6]}"))
+    for _ in range(6):  # 12 s, long past lost_after_s and the 5 s marker check
+        (outcome,) = dispatcher([inc], keepalive=lambda: None)
+        assert outcome.status == "retry" and outcome.reason_code == "still_running"
+    assert client.llen(queue) == 1
+    worker = local_stack.start_worker(concurrency=1, name="pytest-late", EHRW_CELERY_QUEUE=queue, **worker_env)
+    try:
+        for _ in range(60):
+            (outcome,) = dispatcher([inc], keepalive=lambda: None)
+            if outcome.status != "retry":
+                break
+        assert outcome.status == "done", outcome
+    finally:
+        worker.stop()
+    tid = task_id_for(dispatcher.group, inc, inc.event.items[0].order_id)
+    assert int(client.get(f"ehrw:runs:{tid}")) == 1
+    assert client.exists(received_key(client.get(f"ehrw:sent:{tid}").decode()))  # the worker's mark
+
+
 def test_events_with_the_same_key_run_one_after_the_other(services, celery_worker):
     """Defect 8 (ordering): v1, v2, v3 of one order in one batch, worker concurrency 2: each
     version's task starts only after the previous version's finished."""
