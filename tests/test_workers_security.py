@@ -7,6 +7,7 @@ searched for the order's text.
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import uuid
 
@@ -280,65 +281,129 @@ def _redis_values(client) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def test_note_text_reaches_no_redis_key_dead_letter_header_or_result_event(services, celery_worker):
-    """Defects 9 and 10 end to end: orders with a distinctive note go through success (versioned and
-    unversioned inline orders), the dead-letter topic and a retry on the real consumer, Redis and a
-    Celery worker; no Redis key, dead-letter header or result event holds the note."""
+class _EveryRecord(logging.Handler):
+    """Keeps every log record of this process, with all its attributes (``extra`` included)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {k: v for k, v in vars(record).items() if k not in ("msg", "args")}
+        self.texts.append(record.getMessage() + " " + json.dumps(fields, default=repr))
+
+
+def test_note_text_reaches_no_log_record_redis_key_dead_letter_header_or_result_event(
+    services, celery_worker, capsys
+):
+    """Defects 9 and 10 end to end, the issue's privacy test. Orders with a distinctive note go
+    through every path: success (versioned and unversioned inline orders), a retry (tasks waiting in
+    Redis), the dead-letter topic, and a crash (a consumer SIGKILLed after publishing an event's
+    outcome and before committing it, then a new consumer), on the real consumer, Redis and a Celery
+    worker. Searched: every log record of this process at INFO (consumers, dispatcher, Celery, Kafka
+    clients), every line the Celery worker and the crashed consumer logged, every Redis value, every
+    dead-letter header, every result event. The note is nowhere; the count searched is printed."""
     import copy
+    import os
+    import subprocess
+    import sys
 
     import redis
 
     from connectors.fhir import FhirClient
-    from connectors.kafka import Incoming
+    from connectors.kafka import Incoming, ensure_topics
     from schemas.events import parse_event
     from schemas.text import is_imaging_order
-    from tests.support import Topics, consume, publish, read_topic
+    from tests.support import Topics, consume, publish, read_topic, settings_for
+    from workers.chaos_lab import settings_env
     from workers.demo import actionable_orders, fixture_events, seed_fhir, suggestions_by_order
     from workers.dispatch import CeleryDispatcher
 
-    fhir = FhirClient(services.fhir_base_url)
-    patients, events = fixture_events()
-    template = next(o for o in actionable_orders(seed_fhir(fhir, patients, events)) if is_imaging_order(o))
-    marker = f"Zanzibar{uuid.uuid4().hex[:10]}"
-    orders = []
-    for n in range(2):
-        sr = copy.deepcopy(template)
-        sr.update(id=f"priv-{n}-{uuid.uuid4().hex[:8]}", note=[{"text": f"{marker} Quagmire, 47, Fabry?"}])
-        sr.pop("meta", None)
-        stored = fhir.put(sr)
-        orders.append(stored if n == 0 else {k: v for k, v in stored.items() if k != "meta"})
-    bad = {**orders[0], "id": f"priv-bad-{uuid.uuid4().hex[:6]}"}
-    bad.pop("subject")  # the parser rejects it: a dead letter holding the note in its body only
-    topics = Topics.fresh("privacy")
-    raws = [json.dumps(o).encode() for o in [*orders, bad]]
-    publish(services.kafka_bootstrap, topics.events, [(None, raw) for raw in raws])
-
-    # A retry: a round whose tasks sit in a queue no worker reads (what Redis holds while waiting).
-    client = redis.Redis.from_url(services.redis_url)
-    idle_queue = f"privacy-idle-{uuid.uuid4().hex[:8]}"
-    dispatcher = CeleryDispatcher(group=topics.group, queue=idle_queue, no_keepalive_timeout_s=1.0)
-    batch = [Incoming(topics.events, 0, 1000 + i, None, raw, parse_event(raw)) for i, raw in enumerate(raws[:2])]
+    records = _EveryRecord()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(records)
+    root.setLevel(logging.INFO)  # the deployed level, for every logger of this process
+    worker_log_start = celery_worker.log_path.stat().st_size
     try:
-        outcomes = dispatcher(batch)
-        assert [o.status for o in outcomes] == ["retry", "retry"]
-        assert client.llen(idle_queue) == 1  # both orders in one micro-batch task (issue 13)
-        leaked = [k for k, v in _redis_values(client) if marker.encode() in v]
-        assert leaked == [], leaked
-    finally:
-        client.delete(idle_queue)
-        dispatcher.finished(batch)
+        fhir = FhirClient(services.fhir_base_url)
+        patients, events = fixture_events()
+        template = next(o for o in actionable_orders(seed_fhir(fhir, patients, events)) if is_imaging_order(o))
+        marker = f"Zanzibar{uuid.uuid4().hex[:10]}"
+        orders = []
+        for n in range(3):
+            sr = copy.deepcopy(template)
+            sr.update(id=f"priv-{n}-{uuid.uuid4().hex[:8]}", note=[{"text": f"{marker} Quagmire, 47, Fabry?"}])
+            sr.pop("meta", None)
+            stored = fhir.put(sr)
+            orders.append(stored if n == 0 else {k: v for k, v in stored.items() if k != "meta"})
+        crash_order = orders.pop()
+        bad = {**orders[0], "id": f"priv-bad-{uuid.uuid4().hex[:6]}"}
+        bad.pop("subject")  # the parser rejects it: a dead letter holding the note in its body only
+        topics = Topics.fresh("privacy")
+        raws = [json.dumps(o).encode() for o in [*orders, bad]]
+        publish(services.kafka_bootstrap, topics.events, [(None, raw) for raw in raws])
 
-    stats = consume(services, topics, max_events=3)
-    assert (stats.committed, stats.dead_lettered) == (3, 1), stats.as_dict()
+        # A retry: a round whose tasks sit in a queue no worker reads (what Redis holds while waiting).
+        client = redis.Redis.from_url(services.redis_url)
+        idle_queue = f"privacy-idle-{uuid.uuid4().hex[:8]}"
+        dispatcher = CeleryDispatcher(group=topics.group, queue=idle_queue, no_keepalive_timeout_s=1.0)
+        batch = [Incoming(topics.events, 0, 1000 + i, None, raw, parse_event(raw)) for i, raw in enumerate(raws[:2])]
+        try:
+            outcomes = dispatcher(batch)
+            assert [o.status for o in outcomes] == ["retry", "retry"]
+            assert client.llen(idle_queue) == 1  # both orders in one micro-batch task (issue 13)
+            leaked = [k for k, v in _redis_values(client) if marker.encode() in v]
+            assert leaked == [], leaked
+        finally:
+            client.delete(idle_queue)
+            dispatcher.finished(batch)
+
+        stats = consume(services, topics, max_events=3)
+        assert (stats.committed, stats.dead_lettered) == (3, 1), stats.as_dict()
+
+        # A crash: the consumer dies after publishing the outcome, before committing; a new one takes over.
+        crashed = Topics.fresh("privacy-crash")
+        ensure_topics(services.kafka_bootstrap, [crashed.events, crashed.dlq, crashed.results])
+        publish(services.kafka_bootstrap, crashed.events, [(None, json.dumps(crash_order).encode())])
+        env = {**os.environ, **settings_env(settings_for(services, crashed))}
+        crash = subprocess.run([sys.executable, "-m", "workers.chaos", "crash-consumer", "1"], env=env,
+                               capture_output=True, timeout=240, check=False)  # fmt: skip
+        assert crash.returncode == -9, crash.stderr[-2000:]
+        stats = consume(services, crashed, max_events=1)
+        assert stats.committed == 1, stats.as_dict()
+    finally:
+        root.removeHandler(records)
+        root.setLevel(old_level)
+
     found = suggestions_by_order(fhir)
-    assert all(len(found.get(o["id"], {}).get("Task", [])) == 1 for o in orders)
+    assert all(len(found.get(o["id"], {}).get("Task", [])) == 1 for o in [*orders, crash_order])
     letters = read_topic(services.kafka_bootstrap, topics.dlq)
     assert len(letters) == 1 and marker.encode() in letters[0].value  # the original bytes, for replay
-    assert not [h for r in letters for h, v in r.headers.items() if marker.encode() in (v or b"")]
-    results = read_topic(services.kafka_bootstrap, topics.results)
-    assert results and not [r.key for r in results if marker.encode() in r.value]
-    leaked = [k for k, v in _redis_values(client) if marker.encode() in v]
-    assert leaked == [], leaked
+    headers = [v or b"" for r in letters for v in r.headers.values()]
+    results = read_topic(services.kafka_bootstrap, topics.results) + read_topic(services.kafka_bootstrap, crashed.results)
+    assert len(results) >= 4  # three events, the crashed one's outcome published twice (at least once)
+    with celery_worker.log_path.open("rb") as f:
+        f.seek(worker_log_start)
+        worker_lines = f.read().splitlines()
+    crash_lines = crash.stderr.splitlines()
+    redis_values = _redis_values(client)
+    assert records.texts and worker_lines and crash_lines
+    assert any(b"received" in line for line in worker_lines)  # Celery's own records are there
+    searched = {
+        "log records (this process)": [t.encode() for t in records.texts],
+        "worker log lines": worker_lines,
+        "crashed consumer log lines": crash_lines,
+        "Redis values": [v for _, v in redis_values],
+        "dead-letter headers": headers,
+        "result events": [r.value for r in results] + [r.key or b"" for r in results],
+    }
+    for where, items in searched.items():
+        leaked = [item[:200] for item in items if marker.encode() in item]
+        assert leaked == [], f"the note reached {where}: {leaked}"
+    with capsys.disabled():
+        print(f"\nprivacy: {sum(len(v) for v in searched.values())} records searched, note found in none ("
+              + ", ".join(f"{len(v)} {k}" for k, v in searched.items()) + ")")
 
 
 def test_dead_letter_headers_and_result_events_keep_outcome_codes_only():
