@@ -147,25 +147,25 @@ def _require_free(port: int, name: str) -> None:
 def _wait_ready(proc: ManagedProcess, ready: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     last_error = ""
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            tail = proc.log_tail()
-            proc.stop()
-            raise ServiceStartError(
-                f"{proc.name} exited with code {proc.popen.returncode} before {what}; "
-                f"see {proc.log_path}:\n{tail}"
-            )
-        try:
-            if ready():
-                return
-        except Exception as exc:  # noqa: BLE001 - any failure of the probe just means "not yet"
-            last_error = f" (last probe error: {type(exc).__name__}: {exc})"
-        time.sleep(0.2)
-    tail = proc.log_tail()
-    proc.stop()
-    raise ServiceStartError(
-        f"{proc.name} was not ready ({what}) within {timeout:.0f}s{last_error}; see {proc.log_path}:\n{tail}"
-    )
+    try:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise ServiceStartError(
+                    f"{proc.name} exited with code {proc.popen.returncode} before {what}; "
+                    f"see {proc.log_path}:\n{proc.log_tail()}"
+                )
+            try:
+                if ready():
+                    return
+            except Exception as exc:  # noqa: BLE001 - any failure of the probe just means "not yet"
+                last_error = f" (last probe error: {type(exc).__name__}: {exc})"
+            time.sleep(0.2)
+        raise ServiceStartError(
+            f"{proc.name} was not ready ({what}) within {timeout:.0f}s{last_error}; see {proc.log_path}:\n{proc.log_tail()}"
+        )
+    except BaseException:  # not ready, or interrupted (Ctrl-C, SIGTERM) while waiting: the caller never gets proc
+        proc.stop()
+        raise
 
 
 # -- Kafka (Tansu) ---------------------------------------------------------------------------------

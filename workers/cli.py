@@ -152,6 +152,16 @@ def _offline(run: Callable[[], int], output_path: Path, what: str) -> None:
         typer.echo(f"wrote {n} {what} to {output_path}", err=True)
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a CI runner, ``kill``) exits through Python's unwinding, so the embedded
+    services, workers and consumers a command started are stopped by their ``finally`` blocks instead
+    of being left running (a chaos run stopped by ``timeout`` left a worker, a consumer, Tansu,
+    sekmet and Redis behind)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 @app.command()
 def demo(
     keep_running: Annotated[bool, typer.Option(help="Leave the services up after the table (Ctrl-C stops).")] = False,
@@ -159,6 +169,7 @@ def demo(
 ) -> None:
     """Start embedded Kafka/Redis/FHIR, build models if absent, replay the bundled fixtures, print what was written."""
     _setup_logging(False)
+    _exit_cleanly_on_sigterm()
     from workers.demo import run_demo
 
     ok = run_demo(keep_running=keep_running, profile=profile)
@@ -183,6 +194,7 @@ def bench(
     """Measure ehr-worker against a naive PyTorch baseline and the FHIR server alone (inference, end
     to end per N and worker concurrency, per-stage profile, memory, cold start); prints figures."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _exit_cleanly_on_sigterm()
     from models.registry import ModelIntegrityError, ModelNotFoundError
     from workers.bench import run_bench
     from workers.settings import get_settings
@@ -240,6 +252,7 @@ def chaos(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    _exit_cleanly_on_sigterm()
     from connectors.embedded import EmbeddedServices
     from workers import chaos as chaos_run
     from workers.settings import get_settings
@@ -250,8 +263,9 @@ def chaos(
         _fail(f"no models in {root}; build them with `ehr-worker models build` (or --profile tiny)")
     with EmbeddedServices(fhir=False, redis=False) as services:
         lab = chaos_run.ChaosLab(Path(tempfile.mkdtemp(prefix="ehrw-chaos-")), kafka_bootstrap=services.kafka_bootstrap,
-                                 registry=Path(root)).start()  # its own FHIR, Redis and worker  # fmt: skip
+                                 registry=Path(root))  # its own FHIR, Redis and worker  # fmt: skip
         try:
+            lab.start()
             typer.echo(chaos_run.HEADER)
             table = chaos_run.run_table(lab, events, names=only, long=not short, echo=typer.echo)
         finally:

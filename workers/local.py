@@ -74,16 +74,19 @@ def start_worker(
         cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     worker = WorkerProcess(proc, log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"celery worker exited with {proc.returncode}; its log ({log_path}) ends:\n{worker.log_tail()}")
-        replies = app.control.ping(timeout=1.0)
-        if any(worker_name.startswith(f"{node}@") for reply in replies for worker_name in reply):
-            return worker
-        time.sleep(0.5)
-    worker.stop()
-    raise RuntimeError(f"celery worker not ready after {ready_timeout:.0f}s; see {log_path}:\n{worker.log_tail()}")
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"celery worker exited with {proc.returncode}; its log ({log_path}) ends:\n{worker.log_tail()}")
+            replies = app.control.ping(timeout=1.0)
+            if any(worker_name.startswith(f"{node}@") for reply in replies for worker_name in reply):
+                return worker
+            time.sleep(0.5)
+        raise RuntimeError(f"celery worker not ready after {ready_timeout:.0f}s; see {log_path}:\n{worker.log_tail()}")
+    except BaseException:  # not ready, or interrupted (Ctrl-C, SIGTERM) while waiting: no orphan worker
+        worker.stop()
+        raise
 
 
 class LocalStack:
