@@ -321,9 +321,13 @@ def test_note_text_reaches_no_log_record_redis_key_dead_letter_header_or_result_
 
     records = _EveryRecord()
     root = logging.getLogger()
-    old_level = root.level
+    # The deployed level, INFO, for every logger of this process: earlier tests quieten some (kafka).
+    levels = {logger: logger.level for logger in [root, *logging.root.manager.loggerDict.values()]
+              if isinstance(logger, logging.Logger)}  # fmt: skip
+    for logger in levels:
+        logger.setLevel(logging.NOTSET)
     root.addHandler(records)
-    root.setLevel(logging.INFO)  # the deployed level, for every logger of this process
+    root.setLevel(logging.INFO)
     worker_log_start = celery_worker.log_path.stat().st_size
     try:
         fhir = FhirClient(services.fhir_base_url)
@@ -374,7 +378,8 @@ def test_note_text_reaches_no_log_record_redis_key_dead_letter_header_or_result_
         assert stats.committed == 1, stats.as_dict()
     finally:
         root.removeHandler(records)
-        root.setLevel(old_level)
+        for logger, level in levels.items():
+            logger.setLevel(level)
 
     found = suggestions_by_order(fhir)
     assert all(len(found.get(o["id"], {}).get("Task", [])) == 1 for o in [*orders, crash_order])
