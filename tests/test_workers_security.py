@@ -184,6 +184,20 @@ def test_a_celery_app_with_the_conf_talks_to_the_real_redis(services):
     assert app.backend.client.ping() and app.backend.connparams["socket_timeout"] == 2
 
 
+def test_the_worker_app_lets_a_stale_redelivery_lock_lapse_in_seconds(services):
+    """kombu's channel, as the worker builds it, holds its re-delivery lock 30 s, not kombu's 300 s: a
+    lock request that timed out while Redis was frozen and ran on waking no longer stops the
+    re-delivery of dead workers' tasks for 5 minutes."""
+    from workers.app import make_app
+
+    app = make_app(Settings(redis_url=services.redis_url))
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)
+        channel = conn.default_channel
+        assert channel.unacked_mutex_expire == 30
+        assert channel.visibility_timeout >= 120  # the hard time limit + 30 s, at least
+
+
 # -- FHIR over TLS with a private CA ---------------------------------------------------------------
 
 

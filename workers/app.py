@@ -37,7 +37,12 @@ def make_app(settings: Settings) -> Celery:
         # Tasks never retry themselves (the consumer owns retrying), so an unacknowledged task only
         # needs to outlive the hard time limit before Redis hands it to another worker.
         broker_transport_options={
-            "visibility_timeout": max(settings.broker_visibility_timeout_s, int(settings.task_hard_time_limit_s) + 30)
+            "visibility_timeout": max(settings.broker_visibility_timeout_s, int(settings.task_hard_time_limit_s) + 30),
+            # kombu re-delivers unacknowledged tasks under a Redis lock (SET NX, 300 s by default). A
+            # lock request that timed out while Redis was frozen still runs when Redis wakes up, and
+            # then holds the lock for nobody: re-delivery stopped for 5 minutes (the fault suite's
+            # Redis-unreachable row). A restore takes milliseconds; a stale lock now lapses in 30 s.
+            "unacked_mutex_expire": 30,
         },
         # A stuck order cannot hold a child for ever: the soft limit reports task_timeout, the hard
         # one kills and replaces the child.
