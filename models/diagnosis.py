@@ -57,6 +57,7 @@ KIND = "hpo-ranker"
 MIN_SHARED_IC = 1.0
 HALLMARK_FREQ, HALLMARK_IC = 0.8, 2.0
 SIM_CACHE_TERMS = 1024  # x 12 kB (one byte per disease)
+TOP_FOUND = 10  # diseases ranked per text: the gate's top-10 mass and a differential of up to 10
 FILES = ("hpo_terms.json", "hpo_graph.npz", "diseases.json", "lexicon.json", "ranker.json")
 FEATURES = ("explained_ic", "log_frequency", "partial_ic", "resnik_mean", "excluded", "contradiction",
             "log_annotations", "sex_mismatch", "orpha_only", "terms_x_log_annotations", "too_young",
@@ -329,6 +330,14 @@ def name_terms(recognizer: PhenotypeRecognizer, ranker: Ranker, display: str) ->
     return [t for t in dict.fromkeys(found) if ranker.phenotypic[t] and ranker.ic[t] >= HALLMARK_IC]
 
 
+def most_probable(p: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values of p, largest first, without sorting all of p (11,654
+    diseases: a full sort cost more than the rest of the gate)."""
+    k = max(1, min(int(k), len(p)))
+    top = np.argpartition(-p, k - 1)[:k]
+    return top[np.argsort(-p[top], kind="stable")]
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max()
     p = np.exp(z)
@@ -346,6 +355,7 @@ class Analysis:
     per_term: list
     gate_features: np.ndarray
     accept: bool
+    top: np.ndarray | None = None  # the TOP_FOUND most probable diseases, most probable first
 
 
 class DiagnosisModel:
@@ -393,14 +403,18 @@ class DiagnosisModel:
     def scores(self, present, excluded=(), sex: int = 0, age: float | None = None, family=(False, False)):
         return self.ranker.score(self.weights, present, excluded, sex, age, family)
 
-    def gate_vector(self, present: list[int], proba: np.ndarray | None) -> np.ndarray:
+    def gate_vector(self, present: list[int], proba: np.ndarray | None, top: np.ndarray | None = None) -> np.ndarray:
         """Inputs of the specificity gate (GATE_FEATURES). "Ordinary" terms are those that training saw
-        in ordinary orders and notes (chest pain, fever, cancer...): weak evidence of a rare disease."""
+        in ordinary orders and notes (chest pain, fever, cancer...): weak evidence of a rare disease.
+        ``top``: indices of the most probable diseases, most probable first (:func:`most_probable`)."""
         if not present:
             return np.array([0, 0, 0, 0, 0, 0, 1, 0], dtype=np.float64)
         ic = self.ranker.ic[present]
         specific = [t for t in present if t not in self.ordinary_terms]
-        top = np.sort(proba)[::-1] if proba is not None else np.zeros(10)
+        if proba is None:
+            top = np.zeros(10)
+        else:
+            top = proba[most_probable(proba, 10) if top is None else top]
         neo = float(np.mean([self.neoplasm in self.ranker.ancestors(t) for t in present]))
         return np.array([len(present), len(specific), float(self.ranker.ic[specific].sum()) if specific else 0.0,
                          float(ic.max()), float(top[0]), float(top[:10].sum()), 1 - len(specific) / len(present),
@@ -423,8 +437,9 @@ class DiagnosisModel:
         s, per_term, present, excluded = self.scores(present, excluded, text_sex(text), text_age(text),
                                                      text_inheritance(text))
         proba = softmax(s / self.temperature)
-        g = self.gate_vector(present, proba)
-        return Analysis(mentions, present, excluded, proba, per_term, g, self.accept(g))
+        top = most_probable(proba, TOP_FOUND)
+        g = self.gate_vector(present, proba, top)
+        return Analysis(mentions, present, excluded, proba, per_term, g, self.accept(g), top)
 
     def _prediction(self, d: int, p: float, a: Analysis):
         from schemas.labels import Prediction
@@ -454,8 +469,7 @@ class DiagnosisModel:
         preds = []  # listed on abstention too (like the protocol's alternatives); nothing is written then
         if a.probabilities is not None:
             k = max(1, min(int(top_k), len(a.probabilities)))
-            top = np.argpartition(-a.probabilities, k - 1)[:k]
-            top = top[np.argsort(-a.probabilities[top], kind="stable")]
+            top = a.top[:k] if a.top is not None and k <= len(a.top) else most_probable(a.probabilities, k)
             preds = [self._prediction(int(d), float(a.probabilities[d]), a) for d in top]
         return ModelOutput(task=self.task, model=self.name, model_version=self.version, abstained=not a.accept,
                            predictions=preds, threshold=self.threshold, model_card_url=self.model_card_url,

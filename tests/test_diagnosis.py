@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.validation import r4_schema_errors
 from schemas.writeback import HPO_SYSTEM, build_writeback_bundle
@@ -230,3 +232,28 @@ def test_cached_similarity_equals_the_float_scatter(dx_model):
             expected[ranker.col_rows[ranker.col_indptr[a] : ranker.col_indptr[a + 1]]] = ranker.ic[a]
         assert np.array_equal(ranker.similarity(int(q)), expected)
         assert np.array_equal(ranker.similarity(int(q)), expected)  # and again, from the cache
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=60), k=st.integers(1, 70))
+def test_most_probable_is_the_head_of_a_full_descending_sort(values, k):
+    # the gate and the differential read the top of 11,654 probabilities without sorting them all;
+    # they must see the same values, in the same order, as a full sort (ties may swap indices)
+    from models.diagnosis import most_probable
+
+    p = np.asarray(values, dtype=np.float32)
+    top = most_probable(p, k)
+    assert len(top) == min(k, len(p)) and len(set(top.tolist())) == len(top)
+    assert np.array_equal(p[top], np.sort(p)[::-1][: len(top)])
+
+
+def test_the_gate_reads_the_same_top_mass_as_a_full_sort(dx_model):
+    text = "Microcephaly, seizures, cleft palate and short stature; no hearing loss."
+    a = dx_model.analyse(text)
+    assert a.probabilities is not None and a.top is not None and len(a.top) == 10
+    ordered = np.sort(a.probabilities)[::-1]
+    g = dx_model.gate_vector(a.present, a.probabilities)  # without the analysis's top: the function finds it
+    assert np.array_equal(g, a.gate_features)
+    assert g[4] == ordered[0] and g[5] == ordered[:10].sum()
+    top5 = [p.code for p in dx_model.output(a, top_k=5).predictions]
+    assert top5 == [p.code for p in dx_model.output(a, top_k=10).predictions][:5]
