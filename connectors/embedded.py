@@ -306,7 +306,8 @@ class EmbeddedServices:
 
     Ports default to free ones (Redis to 6379, reusing a running one). ``kafka``/``fhir``/``redis``
     switch a service off when a caller needs only some of them. ``stop()`` stops only what this
-    object started, and removes the work directory when it created it.
+    object started, and removes the work directory when it created it. ``fhir_settings``: more
+    sekmet settings (``start_sekmet``'s ``extra_settings``).
     """
 
     def __init__(
@@ -319,8 +320,10 @@ class EmbeddedServices:
         kafka_port: int | None = None,
         fhir_port: int | None = None,
         redis_port: int = 6379,
+        fhir_settings: dict[str, Any] | None = None,
     ) -> None:
         self._own_workdir = workdir is None
+        self.fhir_settings = dict(fhir_settings or {})
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ehrw-services-"))
         self.want = {"kafka": kafka, "fhir": fhir, "redis": redis}
         self.kafka_port = kafka_port or free_port()
@@ -340,11 +343,23 @@ class EmbeddedServices:
             if self.want["kafka"]:
                 self.processes["kafka"] = start_tansu(self.kafka_port, self.workdir / "kafka")
             if self.want["fhir"]:
-                self.processes["fhir"] = start_sekmet(self.fhir_port, self.workdir / "fhir")
+                self.processes["fhir"] = start_sekmet(self.fhir_port, self.workdir / "fhir",
+                                                      extra_settings=self.fhir_settings)
         except BaseException:
             self.stop(remove_workdir=False)  # keep the logs the error message points at
             raise
         return self
+
+    def restart_fhir_empty(self) -> None:
+        """Stop the FHIR server, delete its data and start it again, empty, on the same port (the bench:
+        the server's cost per order grows with its database, so every run starts from the same one)."""
+        if not self.want["fhir"]:
+            raise ServiceStartError("this EmbeddedServices was made without FHIR (fhir=False)")
+        proc = self.processes.pop("fhir", None)
+        if proc is not None:
+            proc.stop()
+        shutil.rmtree(self.workdir / "fhir" / "data", ignore_errors=True)
+        self.processes["fhir"] = start_sekmet(self.fhir_port, self.workdir / "fhir", extra_settings=self.fhir_settings)
 
     def stop(self, *, remove_workdir: bool = True) -> None:
         for name in ("fhir", "kafka", "redis"):

@@ -59,3 +59,20 @@ def test_embedded_services_stop_what_they_started():
         kafka = services.processes["kafka"]
         assert services.kafka_bootstrap.endswith(str(services.kafka_port)) and kafka.alive()
     assert not kafka.alive() and not workdir.exists()
+
+
+def test_the_fhir_server_restarts_empty_on_the_same_address():
+    # the bench starts every run on an empty server (its cost per order grows with its database)
+    import httpx
+
+    with EmbeddedServices(kafka=False, redis=False, fhir_settings={"log_inbound": False}) as services:
+        url = services.fhir_base_url
+        patient = {"resourceType": "Patient", "id": "bench-empty-check", "gender": "unknown"}
+        assert httpx.put(f"{url}/Patient/bench-empty-check", json=patient, timeout=10).status_code in (200, 201)
+        assert httpx.get(f"{url}/Patient/bench-empty-check", timeout=10).status_code == 200
+        first = services.processes["fhir"]
+        services.restart_fhir_empty()
+        assert not first.alive() and services.processes["fhir"].alive() and services.fhir_base_url == url
+        assert httpx.get(f"{url}/Patient/bench-empty-check", timeout=10).status_code in (404, 410)
+    with EmbeddedServices(fhir=False, redis=False) as services, pytest.raises(ServiceStartError, match="without FHIR"):
+        services.restart_fhir_empty()

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from celery import Celery
@@ -101,9 +101,11 @@ class LocalStack:
     """
 
     def __init__(self, settings: Settings, *, workdir: Path | None = None, kafka_port: int | None = None,
-                 fhir_port: int | None = None, app: Celery | None = None) -> None:
+                 fhir_port: int | None = None, app: Celery | None = None,
+                 fhir_settings: dict[str, Any] | None = None) -> None:
         redis_port = urlsplit(settings.redis_url).port or 6379
-        self.services = EmbeddedServices(workdir, kafka_port=kafka_port, fhir_port=fhir_port, redis_port=redis_port)
+        self.services = EmbeddedServices(workdir, kafka_port=kafka_port, fhir_port=fhir_port, redis_port=redis_port,
+                                         fhir_settings=fhir_settings)
         self.settings = settings.model_copy(update={"kafka_bootstrap": self.services.kafka_bootstrap,
                                                     "fhir_base_url": self.services.fhir_base_url})
         if self.settings.payload_key is None:
