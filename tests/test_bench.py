@@ -26,6 +26,8 @@ FIGURES = [
     ("inference", "baseline", "p50_ms"),
     ("inference", "baseline", "one_at_a_time_orders_per_s"),
     ("inference", "speedup_p50"),
+    ("config", "machine", "python_ms"),  # the reference workloads that let runs on two machines be compared
+    ("config", "machine", "numpy_ms"),
     ("end_to_end", "ehr_worker", "orders_per_s"),
     ("end_to_end", "ehr_worker", "seconds"),
     ("end_to_end", "ehr_worker", "latency_produce_to_written", "p50_ms"),
@@ -82,6 +84,12 @@ def test_bench_reports_every_figure(tiny_registry, tmp_path):
 
     fhir = written["fhir_server"]["runs"]
     assert {r["orders_per_transaction"] for r in fhir} == {1, written["config"]["write_batch_orders"]}
+    # the server alone again, holding the largest run's orders: each run's ceiling lies between the two
+    full = written["fhir_server_full"]["runs"]
+    assert {r["orders_per_transaction"] for r in full} == {1, written["config"]["write_batch_orders"]}
+    empty_best, full_best = written["fhir_server"]["best"]["orders_per_s"], written["fhir_server_full"]["best"]["orders_per_s"]
+    (row,) = written["end_to_end"]["runs"]
+    assert min(empty_best, full_best) <= row["fhir_best_orders_per_s"] <= max(empty_best, full_best)
 
     # the per-stage profile, with its evidence on disk
     profile = written["profile"]
@@ -91,8 +99,19 @@ def test_bench_reports_every_figure(tiny_registry, tmp_path):
     assert isinstance(written["config"]["other_workers_on_broker"], list)  # warned about, not a failure
 
     rows = written["rows"]
-    assert len(rows) == 14 and all({"metric", "ehr_worker", "baseline", "ratio", "target", "met"} <= set(r) for r in rows)
+    assert len(rows) == 15 and all({"metric", "ehr_worker", "baseline", "ratio", "target", "met"} <= set(r) for r in rows)
     text = proc.stdout
     for needle in ("ehr-worker bench", "naive baseline", "end-to-end orders/s", "% of the FHIR server's best",
-                   "per-stage time per order", "memory (RSS, MB) of every process", "cold start"):  # fmt: skip
+                   "per-stage time per order", "memory (RSS, MB) of every process", "cold start",
+                   "reference workloads"):  # fmt: skip
         assert needle in text, needle
+
+
+def test_the_fhir_ceiling_averages_the_servers_time_per_order_over_the_runs_growth():
+    from workers.bench.summary import fhir_ceiling
+
+    assert fhir_ceiling(60.0, None, None, 20000) == 60.0  # no measurement of the full server: the empty one
+    # time per order 1/60 s empty, 1/40 s holding 20,000 orders: a run of 20,000 averages the two
+    assert fhir_ceiling(60.0, 40.0, 20000, 20000) == pytest.approx(1 / ((1 / 60 + 1 / 40) / 2))
+    assert fhir_ceiling(60.0, 40.0, 20000, 2000) == pytest.approx(1 / (1 / 60 + (1 / 40 - 1 / 60) * 0.05))
+    assert fhir_ceiling(60.0, 40.0, 20000, 0) == pytest.approx(60.0)

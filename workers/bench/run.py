@@ -35,6 +35,7 @@ from workers.bench.fhir_server import fhir_sweep
 from workers.bench.measurements import (
     TextClassifiers,
     build_bundles,
+    machine_reference,
     measure_inference,
     model_info,
     model_sizes,
@@ -123,12 +124,17 @@ def run_bench(
             "batch_size": batch_size, "source": source, "distinct_order_texts": len(base), "registry": str(root),
             "models": model_info(reg), "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "profile_dir": str(profile_dir),
+            "machine": machine_reference(),
         },
     }  # fmt: skip
     latency_texts = [build_model_input(sr) for sr in make_orders(base, latency_orders, f"{tag}-lat")]
     console.print(f"[bold]ehr-worker bench[/] registry {root}; N = {orders}, worker concurrency {concurrency}")
 
-    stack = LocalStack(settings, app=bench_app(redis_url))
+    # The FHIR server's own cost per order grows with its database (64.7 orders/s empty, 49.3 holding
+    # 10,000 orders' write-backs, session 18), so: no request log in its database (sekmet's advice for
+    # load runs), every run on an empty server, and the server alone measured empty and holding the
+    # largest run's orders (workers.bench.summary.fhir_ceiling).
+    stack = LocalStack(settings, app=bench_app(redis_url), fhir_settings={"log_inbound": False})
     with stack:
         s = stack.settings
         console.print(f"started Kafka (Tansu) {s.kafka_bootstrap}, FHIR (sekmet) {s.fhir_base_url}, Redis {redis_url}")
@@ -151,68 +157,76 @@ def run_bench(
         def make_bundles(n: int, run_tag: str) -> tuple[list[dict], int]:
             return build_bundles(served, make_orders(base, n, f"{tag}-{run_tag}")), n
 
+        stack.services.restart_fhir_empty()
         warm, _ = make_bundles(4, "fxwarm")
         fhir = fhir_sweep(s.fhir_base_url, lambda n, t: (warm, len(warm)), orders=len(warm), clients=[1],
                           batch_sizes=[1], progress=False)  # first requests of a fresh server
         fhir = fhir_sweep(s.fhir_base_url, make_bundles, orders=fhir_orders, clients=fhir_clients,
                           batch_sizes=batch_sizes, progress=progress)
 
-        # -- 4. end to end, per worker concurrency and N --
+        # -- 4. end to end, per worker concurrency and N, each on an empty FHIR server --
         # (its queue is new: no leftovers of an interrupted bench to purge)
         runs: list[dict] = []
         profiled: dict[str, Any] = {}
+        fhir_full: dict | None = None
         largest = (max(orders), max(concurrency))
-        for conc in concurrency:
-            console.print(f"starting celery -A workers worker (prefork, concurrency {conc})…")
+        plan = [(conc, n, False) for conc in concurrency for n in orders]
+        if profile_orders:
+            first_top = next(i for i, (conc, _, _) in enumerate(plan) if conc == max(concurrency))
+            plan.insert(first_top, (max(concurrency), min(profile_orders, max(orders)), True))
+        for conc, n, profiled_run in plan:
+            stack.services.restart_fhir_empty()
+            console.print(f"N = {n}{' (profiled)' if profiled_run else ''}: empty FHIR server, "
+                          f"celery -A workers worker (prefork, concurrency {conc})…")
             worker = stack.start_worker(concurrency=conc, name="bench", EHRW_WORKER_HTTP_PORT="0",
                                         EHRW_CELERY_QUEUE=s.celery_queue)
             others = sorted(name for reply in stack.app.control.ping(timeout=1.0) for name in reply
                             if not name.startswith(f"bench-{os.getpid()}-"))  # fmt: skip
             figures["config"]["other_workers_on_broker"] = others
-            plan = [(n, False) for n in orders]
-            if conc == max(concurrency) and profile_orders:
-                plan.insert(0, (min(profile_orders, max(orders)), True))
-            for n, profiled_run in plan:
-                run_tag = f"{tag}-c{conc}-n{n}{'-prof' if profiled_run else ''}"
-                batch = make_orders(base, n, run_tag)
-                warmup = make_orders(base, WARMUP_ORDERS, f"{run_tag}-w")
-                procs = stack_processes(stack, worker.pid)
-                before = snapshot(procs)
-                recorders: list[profile.Recorder] = []
+            run_tag = f"{tag}-c{conc}-n{n}{'-prof' if profiled_run else ''}"
+            batch = make_orders(base, n, run_tag)
+            warmup = make_orders(base, WARMUP_ORDERS, f"{run_tag}-w")
+            procs = stack_processes(stack, worker.pid)
+            before = snapshot(procs)
+            recorders: list[profile.Recorder] = []
 
-                def start_profile(run_tag: str = run_tag) -> None:
-                    recorders.append(profile.Recorder(os.getpid(), profile_dir / f"{run_tag}-consumer.txt"))
-                    recorders.append(profile.Recorder(worker.pid, profile_dir / f"{run_tag}-worker.txt",
-                                                      subprocesses=True))
+            def start_profile(run_tag: str = run_tag, pid: int = worker.pid) -> None:
+                recorders.append(profile.Recorder(os.getpid(), profile_dir / f"{run_tag}-consumer.txt"))
+                recorders.append(profile.Recorder(pid, profile_dir / f"{run_tag}-worker.txt", subprocesses=True))
 
-                result = measure_pipeline(_run_settings(s, run_tag), batch, warmup, progress=progress,
-                                          on_start=start_profile if profiled_run else None)
-                after = snapshot(procs)
-                result.update(worker_concurrency=conc, processes={"start": before, "end": after})
-                if profiled_run:
-                    consumer_lines, worker_lines = (r.stop() for r in recorders)
-                    errors = [r.error for r in recorders if r.error]
-                    profiled = stage_profile(consumer_lines, worker_lines, orders=n, rate=recorders[0].rate,
-                                             errors=errors, evidence=[str(r.out) for r in recorders])
-                    profiled["run"] = {k: result[k] for k in ("orders", "orders_per_s", "worker_concurrency")}
-                    profiled["pipeline_cpu"] = pipeline_cpu(before, after, profiled, orders=n)
-                    continue
-                runs.append(result)
-                if (n, conc) == largest:
-                    figures["memory_largest_run"] = {"orders": n, "worker_concurrency": conc,
-                                                     "start": before, "end": after}
+            result = measure_pipeline(_run_settings(s, run_tag), batch, warmup, progress=progress,
+                                      on_start=start_profile if profiled_run else None)
+            after = snapshot(procs)
             worker.stop()
             stack.workers.remove(worker)
+            result.update(worker_concurrency=conc, processes={"start": before, "end": after})
+            if profiled_run:
+                consumer_lines, worker_lines = (r.stop() for r in recorders)
+                errors = [r.error for r in recorders if r.error]
+                profiled = stage_profile(consumer_lines, worker_lines, orders=n, rate=recorders[0].rate,
+                                         errors=errors, evidence=[str(r.out) for r in recorders])
+                profiled["run"] = {k: result[k] for k in ("orders", "orders_per_s", "worker_concurrency")}
+                profiled["pipeline_cpu"] = pipeline_cpu(before, after, profiled, orders=n)
+                continue
+            runs.append(result)
+            if (n, conc) == largest:
+                figures["memory_largest_run"] = {"orders": n, "worker_concurrency": conc,
+                                                 "start": before, "end": after}
+                console.print(f"the FHIR server alone again, holding the {n + WARMUP_ORDERS} orders of that run…")
+                fhir_full = fhir_sweep(s.fhir_base_url, lambda k, t: make_bundles(k, f"full-{t}"),
+                                       orders=fhir_orders, clients=fhir_clients, batch_sizes=batch_sizes,
+                                       progress=progress)
 
         # -- 5. cold start --
         cold = measure_cold_start(stack, make_orders(base, 1, f"{tag}-cold")[0], concurrency=max(concurrency))
 
     figures["config"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     figures["fhir_server"] = fhir
+    figures["fhir_server_full"] = fhir_full
     figures["runs"] = runs
     figures["profile"] = profiled
     figures["cold_start"] = cold
-    figures["end_to_end"] = end_to_end_figures(ours, fhir, runs, baseline)
+    figures["end_to_end"] = end_to_end_figures(ours, fhir, runs, baseline, fhir_full, max(orders) + WARMUP_ORDERS)
     figures["inference"]["speedup_p50"] = round(baseline["inference"]["p50_ms"] / ours["p50_ms"], 2)
     figures["baseline_model"] = baseline["model"]
     figures["size"] = model_sizes(reg)
