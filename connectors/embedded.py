@@ -343,8 +343,7 @@ class EmbeddedServices:
             if self.want["kafka"]:
                 self.processes["kafka"] = start_tansu(self.kafka_port, self.workdir / "kafka")
             if self.want["fhir"]:
-                self.processes["fhir"] = start_sekmet(self.fhir_port, self.workdir / "fhir",
-                                                      extra_settings=self.fhir_settings)
+                self._start_fhir()
         except BaseException:
             self.stop(remove_workdir=False)  # keep the logs the error message points at
             raise
@@ -359,6 +358,9 @@ class EmbeddedServices:
         if proc is not None:
             proc.stop()
         shutil.rmtree(self.workdir / "fhir" / "data", ignore_errors=True)
+        self._start_fhir()
+
+    def _start_fhir(self) -> None:
         self.processes["fhir"] = start_sekmet(self.fhir_port, self.workdir / "fhir", extra_settings=self.fhir_settings)
 
     def stop(self, *, remove_workdir: bool = True) -> None:
